@@ -1,0 +1,206 @@
+"""One executor for every mask-expressible mechanism.
+
+A mechanism contributes a :class:`~attnlab.patterns.base.Mask` and/or
+:class:`~attnlab.patterns.base.ScoreMod` (its ``spec``); the executor adds the causal mask
+when the call is causal and runs one of four backends, all computing the same function:
+
+``reference``  the dense oracle (:mod:`attnlab.reference`) on the materialized mask. O(L^2).
+``sdpa``       ``torch.nn.functional.scaled_dot_product_attention`` with the materialized
+               boolean mask (no score modifiers). O(L^2) mask memory.
+``tiled``      block-sparse FlashAttention in PyTorch (:mod:`attnlab.tiled`): visits only the
+               tiles the mask touches, forward and backward, any device and float dtype.
+``flex``       FlexAttention (``torch.compile``-d by default) with the same block structure.
+               On CPU, torch's FlexAttention kernel is inference-only and does not return the
+               LSE; it says so instead of falling back.
+
+Spatial inputs are flattened; for ``tiled`` and ``flex`` tokens are first permuted into
+tile-major order (boxes of :func:`default_tile`), so that a spatial neighbourhood covers few
+contiguous blocks, and permuted back afterwards. Block structures, block masks and built
+functions are cached by (pattern, parameters, shapes): a repeated call compiles nothing.
+"""
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from typing import Optional
+
+import torch
+
+from .. import reference as _ref
+from .. import tiled as _tiled
+from ..catalogue import Call, Implementation
+from . import blocks as _blocks
+from .base import Geometry, Mask, ScoreMod, causal as _causal_mask, token_order
+
+BLOCK = 128
+_FLEX_BLOCK_MASKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_COMPILED = {}
+
+
+def flex_compile_enabled() -> bool:
+    """``ATTNLAB_FLEX_COMPILE=0`` runs FlexAttention uncompiled (slow; used to keep tests quick)."""
+    return os.environ.get("ATTNLAB_FLEX_COMPILE", "1") != "0"
+
+
+def default_tile(shape: Optional[tuple], block: int = BLOCK) -> Optional[tuple]:
+    """Box shape of tiles for a spatial grid: about ``block`` tokens, powers of two, last axis widest."""
+    if not shape or len(shape) == 1:
+        return None
+    n = len(shape)
+    tile = [1] * n
+    budget = block
+    # Give each axis its share (rounded to a power of two), last axis first, clipped to the grid.
+    for a in reversed(range(n)):
+        share = 2 ** math.ceil(math.log2(max(1, round(budget ** (1 / (a + 1))))))
+        tile[a] = max(1, min(shape[a], share))
+        budget = max(1, budget // tile[a])
+    return tuple(tile)
+
+
+def geometry(call: Call, tiled_order: bool) -> Geometry:
+    tile = default_tile(call.spatial) if tiled_order else None
+    return Geometry(call.batch, call.q_heads, call.q_len, call.kv_len, call.spatial, tile, str(call.device))
+
+
+def plan(call: Call):
+    """The call's full mask (pattern & causal) and score modifier, or None for either."""
+    spec = call.mechanism.spec
+    mask, score = spec(call) if spec else (None, None)
+    if call.causal:
+        mask = _causal_mask() if mask is None else mask & _causal_mask()
+    return mask, score
+
+
+def _structure(call: Call, mask: Optional[Mask], geom: Geometry):
+    if mask is None:
+        mod, key = _tiled._visible, ("dense",)
+        bm, hm = 1, 1
+    else:
+        mod, key = mask.build(geom), mask.key
+        bm = call.batch if mask.per_batch else 1
+        hm = call.q_heads if mask.per_head else 1
+    skey = None if key is None else (key, geom)
+    st = _blocks.cached(skey, mod, bm, hm, call.q_len, call.kv_len, BLOCK, BLOCK, call.device)
+    return st, (None if mask is None else mod)
+
+
+def _permute(call: Call, geom: Geometry, *xs):
+    if geom.tile is None:
+        return xs, None
+    perm = token_order(call.spatial, geom.tile).to(call.device)
+    return tuple(x.index_select(2, perm) for x in xs), perm
+
+
+def _unpermute(perm, out, lse):
+    if perm is None:
+        return out, lse
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return out.index_select(2, inv), lse.index_select(2, inv) if lse is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+def run_reference(call: Call, q, k, v):
+    mask, score = plan(call)
+    geom = geometry(call, tiled_order=False)
+    return _ref.attention(q, k, v, mask_mod=mask.build(geom) if mask else None,
+                          score_mod=score.build(geom) if score else None, scale=call.scale, return_lse=True)
+
+
+def run_tiled(call: Call, q, k, v):
+    mask, score = plan(call)
+    geom = geometry(call, tiled_order=True)
+    (q, k, v), perm = _permute(call, geom, q, k, v)
+    st, mod = _structure(call, mask, geom)
+    out, lse = _tiled.sparse_attention(q, k, v, st, mask_mod=mod, score_mod=score.build(geom) if score else None,
+                                       score_tensors=score.tensors if score else (), scale=call.scale)
+    return _unpermute(perm, out, lse)
+
+
+def run_flex(call: Call, q, k, v):
+    mask, score = plan(call)
+    geom = geometry(call, tiled_order=True)
+    (q, k, v), perm = _permute(call, geom, q, k, v)
+    st, mod = _structure(call, mask, geom)
+    bm = _FLEX_BLOCK_MASKS.get(st)
+    if bm is None:
+        bm = st.flex_block_mask(mod or _tiled._visible)
+        _FLEX_BLOCK_MASKS[st] = bm
+    fn = _flex_fn()
+    kwargs = dict(block_mask=bm, scale=call.scale, enable_gqa=call.q_heads != call.kv_heads)
+    if score is not None:
+        kwargs["score_mod"] = score.build(geom)
+    if call.return_lse:
+        from torch.nn.attention.flex_attention import AuxRequest
+
+        out, aux = fn(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
+        return _unpermute(perm, out, aux.lse)
+    return _unpermute(perm, fn(q, k, v, **kwargs), None)
+
+
+def _flex_fn():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not flex_compile_enabled():
+        return flex_attention
+    if "flex" not in _COMPILED:
+        import torch._dynamo.config as dc
+
+        # One compiled graph per (pattern, params, shape): allow many before dynamo gives up.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dc, name):
+                setattr(dc, name, max(getattr(dc, name), 512))
+        if hasattr(dc, "accumulated_recompile_limit"):
+            dc.accumulated_recompile_limit = max(dc.accumulated_recompile_limit, 4096)
+        _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    return _COMPILED["flex"]
+
+
+def run_sdpa(call: Call, q, k, v):
+    mask, _ = plan(call)
+    geom = geometry(call, tiled_order=False)
+    attn_mask = None
+    if mask is not None:
+        idx = _ref.index_grid(call.batch if mask.per_batch else 1, call.q_heads if mask.per_head else 1,
+                              call.q_len, call.kv_len, q.device)
+        attn_mask = mask.build(geom)(*idx)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, scale=call.scale, enable_gqa=call.q_heads != call.kv_heads)
+
+
+# --------------------------------------------------------------------------------------------
+# Capabilities
+# --------------------------------------------------------------------------------------------
+def _flex_supports(call: Call) -> Optional[str]:
+    mask, score = plan(call)
+    if (mask is not None and mask.key is None) or (score is not None and score.key is None):
+        return "a mask or bias given as a tensor would recompile the kernel on every call; use sdpa or tiled"
+    if call.device.type == "cpu":
+        if call.requires_grad:
+            return "torch's CPU FlexAttention kernel is inference-only (inputs require grad); use impl='tiled'"
+        if call.dtype == torch.float64:
+            return "torch's CPU FlexAttention supports float32, float16 and bfloat16, not float64"
+        if call.return_lse and flex_compile_enabled():
+            return "torch's compiled CPU FlexAttention cannot return the log-sum-exp; use impl='tiled'"
+    return None
+
+
+def _sdpa_supports(call: Call) -> Optional[str]:
+    if call.return_lse:
+        return "scaled_dot_product_attention does not return the log-sum-exp"
+    spec = call.mechanism.spec
+    if spec is not None and spec(call)[1] is not None:
+        return "scaled_dot_product_attention cannot apply a score modifier"
+    return None
+
+
+REFERENCE = Implementation("reference", run_reference, doc="dense oracle on the materialized mask, O(L^2)")
+TILED = Implementation("tiled", run_tiled, doc="block-sparse FlashAttention in PyTorch, forward and backward, O(L)")
+FLEX = Implementation("flex", run_flex, _flex_supports, doc="FlexAttention block-sparse kernel (compiled)")
+SDPA = Implementation("sdpa", run_sdpa, _sdpa_supports, doc="SDPA with the materialized boolean mask, O(L^2)")
+
+#: Preference order for masked mechanisms: the compiled kernel when it serves, else tiled.
+MASKED_IMPLS = (FLEX, TILED, SDPA, REFERENCE)
