@@ -348,7 +348,8 @@ def validate_inputs(mech: Mechanism, q, k, v) -> Optional[tuple]:
     if mech.layout == "spatial":
         if q.shape[2:-1] != k.shape[2:-1]:
             raise ValueError(f"{name}: q and k must have the same spatial shape (self attention on a grid), got "
-                             f"{tuple(q.shape[2:-1])} and {tuple(k.shape[2:-1])}")
+                             f"{tuple(q.shape[2:-1])} and {tuple(k.shape[2:-1])}; {name} supports: "
+                             f"{', '.join(mech.patterns)}")
         return tuple(q.shape[2:-1])
     return None
 

@@ -23,7 +23,10 @@ Conventions shared by the whole library:
   query ``i`` is at absolute position ``i + Lk - Lq`` and sees keys ``j <= i + Lk - Lq``. For
   self attention this is the usual lower triangle; for decoding with a KV cache it lets the new
   queries see the whole cache;
-* a query row that sees no key returns zeros and an LSE of ``-inf``.
+* a query row that sees no key returns zeros and an LSE of ``-inf``;
+* NaN: a NaN in query row ``i`` makes output row ``i`` NaN and leaves every other row finite, in
+  every implementation (checked by :mod:`attnlab.conformance`); a NaN in a key or value is not
+  contained (``0 * NaN`` is NaN) and may reach rows that do not see it.
 
 Half-precision inputs are computed in float32 and cast back; float32 and float64 are computed
 in their own precision, so a float64 call is a float64 reference.

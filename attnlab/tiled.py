@@ -76,6 +76,10 @@ def _kv_chunks(plan: _Plan, qb: int, B: int, H: int, device):
 def _gather(x: torch.Tensor, idx: torch.Tensor, bk: int) -> torch.Tensor:
     """Blocks ``idx`` (Bm, Hm, g) of ``x`` (B, H, NK*bk, D) -> (B, H, g*bk, D)."""
     B, H, _, D = x.shape
+    if idx.shape[0] == idx.shape[1] == 1:
+        first, n = int(idx[0, 0, 0]), idx.shape[-1]
+        if n == 1 or torch.equal(idx[0, 0], torch.arange(first, first + n, device=idx.device)):
+            return x[:, :, first * bk:(first + n) * bk]  # one contiguous run for every head: a view
     xb = x.view(B, H, -1, bk, D)
     bi = torch.arange(B, device=x.device).view(B, 1, 1)
     hi = torch.arange(H, device=x.device).view(1, H, 1)
@@ -127,7 +131,8 @@ def _forward(plan: _Plan, q, k, v):
             l = l * alpha + p.sum(-1)
             acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, vc)
             m = m_new
-        seen = l > 0
+        # l == 0 exactly when the row saw no key; a NaN l (NaN query) must stay NaN, not become a zero row.
+        seen = l != 0
         out[:, :, r0:r1] = torch.where(seen.unsqueeze(-1), acc / l.clamp_min(1e-30).unsqueeze(-1), 0.0).to(q.dtype)
         lse[:, :, r0:r1] = torch.where(seen, m + torch.log(l.clamp_min(1e-30)), neg_inf)
     return out, lse

@@ -4,8 +4,8 @@
 #
 # Environment knobs:
 #   PYTHON              interpreter used to create .venv (default: python3)
-#   ATTNLAB_EXTRAS      extras for the editable install (default: dev),
-#                       e.g. ATTNLAB_EXTRAS=dev,natten
+#   ATTNLAB_EXTRAS      extras for the editable install (default: dev,natten),
+#                       e.g. ATTNLAB_EXTRAS=dev for no NATTEN comparisons
 #   ATTNLAB_TORCH_SPEC  what to install when `import torch` fails
 #                       (default: torch==2.13.0, a CPU wheel on these machines)
 #   ATTNLAB_SETUP_FORCE=1  redo the editable install even if nothing changed
@@ -22,7 +22,7 @@ cd "$ROOT"
 VENV="$ROOT/.venv"
 VPY="$VENV/bin/python"
 STAMP="$VENV/.attnlab-setup-hash"
-EXTRAS="${ATTNLAB_EXTRAS:-dev}"
+EXTRAS="${ATTNLAB_EXTRAS:-dev,natten}"
 TORCH_SPEC="${ATTNLAB_TORCH_SPEC:-torch==2.13.0}"
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -9,6 +9,7 @@ from .. import tiled as _tiled
 from ..catalogue import PATTERNS, Call, Implementation, Mechanism, Param, register
 from ..patterns import executor as ex
 from ..patterns.base import ScoreMod
+from ..patterns.mods import softcap
 from ..patterns.sequence import from_tensor
 from ..reference import causal_mask
 
@@ -53,8 +54,9 @@ def _check_dense(call: Call):
         if name == "mask" and not (t.dtype == torch.bool or t.is_floating_point()):
             raise TypeError(f"dense: mask must be boolean (True = attend) or floating (additive), got {t.dtype}")
         try:
-            torch.broadcast_shapes(t.shape, shape)
-            ok = t.dim() <= 4
+            # broadcast_shapes is symmetric: also require that the result is (B, H, Lq, Lk) itself, so a
+            # (.., Lk) bias given with a shorter key axis is rejected here rather than failing mid-kernel.
+            ok = t.dim() <= 4 and tuple(torch.broadcast_shapes(t.shape, shape)) == shape
         except RuntimeError:
             ok = False
         if not ok:
@@ -121,6 +123,13 @@ register(Mechanism(
     ),
     spec=dense_spec,
     check_params=_check_dense,
+    # Conformance examples (callables get the number of query heads). Biases and masks vary along the key
+    # axis (a per-row constant would cancel in the softmax); 37 = the conformance suite's key length.
+    # The boolean mask hides key 0, so causal self row 0 sees no key at all (it must come out as zeros).
+    examples=({}, {"bias": lambda heads: torch.randn(1, heads, 1, 37)},
+              {"mask": lambda heads: (torch.rand(1, heads, 1, 37) > 0.25) & (torch.arange(37) > 0),
+               "score_mod": softcap(5.0)},
+              {"mask": lambda heads: torch.randn(1, heads, 1, 37)}),
 ))
 
 

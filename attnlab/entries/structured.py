@@ -89,7 +89,13 @@ structured(
     params=(Param("group_size", "int", None, "tokens per group (default L // 4)", ge=2, optional=True),
             Param("cyclic", "bool", False, "wrap the shifted groups around (LongLoRA's roll implementation)")),
     patterns=SELF, check=_check_s2,
-    examples=({"group_size": 8}, {"group_size": 6, "cyclic": False}, {}),
+    examples=({"group_size": 8}, {"group_size": 6, "cyclic": False}, {"group_size": 10, "cyclic": True}, {}),
+    # The groups depend on L when group_size is left to default (L // 4) or wraps (cyclic): a prefix is then
+    # a different mechanism, so CAB's prefix check does not apply (the perturbation check still does).
+    extras={"prefix_check": lambda p: ("group_size defaults to L // 4, so a prefix has other groups"
+                                       if p.get("group_size") is None else
+                                       "cyclic groups wrap around modulo L" if p.get("cyclic") else None),
+            "example_length": 40},  # a multiple of the cyclic example's group_size
 )
 
 

@@ -62,8 +62,11 @@ class Geometry:
         return q_idx + self.offset if self.offset else q_idx
 
     def coords(self) -> torch.Tensor:
-        """``(ndim, L)`` long tensor: the grid coordinate of each token index, in token order."""
-        return _coords(self.shape, self.tile, self.device)
+        """``(ndim, L)`` long tensor: the grid coordinate of each token index, in token order.
+
+        A sequence (``shape`` None) is a 1-D grid of ``kv_len`` tokens.
+        """
+        return _coords(self.shape or (self.kv_len,), self.tile, self.device)
 
 
 def _coords(shape: tuple, tile: Optional[tuple], device: str) -> torch.Tensor:

@@ -133,12 +133,18 @@ def run_flex(call: Call, q, k, v):
     kwargs = dict(block_mask=bm, scale=call.scale, enable_gqa=call.q_heads != call.kv_heads)
     if score is not None:
         kwargs["score_mod"] = score.build(geom)
+    lse = None
     if call.return_lse:
         from torch.nn.attention.flex_attention import AuxRequest
 
         out, aux = fn(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
-        return _unpermute(perm, out, aux.lse)
-    return _unpermute(perm, fn(q, k, v, **kwargs), None)
+        lse = aux.lse
+    else:
+        out = fn(q, k, v, **kwargs)
+    # torch's compiled CPU kernel drops NaN in its max reduction and returns a zero row for a NaN
+    # query; restore the library's documented contract (a NaN query row gives a NaN output row).
+    out = out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))
+    return _unpermute(perm, out, lse)
 
 
 def _flex_fn():

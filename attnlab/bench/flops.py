@@ -1,0 +1,36 @@
+"""Effective work: the number of unmasked query-key pairs, and FLOPs counted by that area.
+
+Counting follows CAB / LongCA-bench ("effective FLOPs by area"): only visible pairs count, so
+a sparse mechanism is not credited for work it skips, nor charged for tiles it computes and
+masks. Per visible pair the forward does one ``q.k`` dot product and one ``p*v`` accumulation::
+
+    FLOPs_fwd    = 2 * (D + Dv) * pairs          (= 4 * D * pairs when Dv = D)
+    FLOPs_fwdbwd = 3.5 * FLOPs_fwd               (backward = 2.5x forward, FlashAttention's count)
+
+``pairs`` is exact: it is the :class:`~attnlab.patterns.blocks.BlockStructure` pair count of
+the call's full mask (pattern and causality, :func:`attnlab.patterns.executor.plan`), the same
+structure the block-sparse kernels visit, scaled from its leading ``(Bm, Hm)`` dims (1 where the
+mask ignores batch / head) to every batch element and query head. A call without a mask counts
+``B * Hq * Lq * Lk`` pairs.
+"""
+from __future__ import annotations
+
+from ..catalogue import Call
+from ..patterns import executor as ex
+
+BACKWARD_FACTOR = 2.5
+
+
+def unmasked_pairs(call: Call) -> int:
+    """Visible (query, key) pairs of a call, summed over batch and query heads."""
+    mask, _ = ex.plan(call)
+    if mask is None:
+        return call.batch * call.q_heads * call.q_len * call.kv_len
+    st, _ = ex._structure(call, mask, ex.geometry(call, tiled_order=True))
+    bm, hm = st.any.shape[:2]
+    return st.pairs * (call.batch // bm) * (call.q_heads // hm)
+
+
+def effective_flops(call: Call, direction: str, pairs: int) -> float:
+    fwd = 2.0 * (call.head_dim + call.value_dim) * pairs
+    return fwd * (1.0 + BACKWARD_FACTOR) if direction == "fwdbwd" else fwd

@@ -1,0 +1,141 @@
+"""What a benchmark runs when not told otherwise: default parameters per mechanism, and presets.
+
+**Default parameters.** ``DEFAULT_PARAMS[name]`` maps a parameter to a value, or to a function
+of the case's token shape (``(L,)`` for sequences, the grid for spatial mechanisms) and its
+query heads, so that one default fits every length. They are chosen so that local patterns
+see about 512 keys per query (sliding window 512, neighbourhood 513 / 23x23 / 8x8x8), close to
+the settings of the papers at these lengths. ``--params`` overrides them key by key; the
+resolved values are recorded with every case. A value ``{"randn": shape}`` stands for a seeded
+``torch.randn`` tensor of that shape (learnable tables such as ``relative_bias``).
+
+**Presets.** A preset is a list of *groups* (mechanisms x lengths x directions x patterns) plus
+repeats, warm-up and per-case timeout. Options given on the command line replace the preset's
+value in every group (duplicates are dropped), so ``--lengths 8192`` keeps a preset's
+mechanisms and directions.
+
+``quick`` (the default) must finish in about 3 minutes on 2 CPU cores *including* FlexAttention's
+first-call compilation (about 5-20 s per new mask and shape): five representative mechanisms
+(dense, tiled, sliding_window, 2-D neighborhood, document) forward at 1024 and 4096 tokens, and
+forward+backward at 1024 (backward runs on the PyTorch ``tiled`` engine on CPU, an order of
+magnitude slower than the compiled forward).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+#: Axis sizes of the local window per spatial rank, chosen to see ~512 keys.
+_NA_KERNEL = {1: 513, 2: 23, 3: 8}
+
+
+def _per_axis(sizes: Dict[int, int]) -> Callable:
+    """Per-axis value for the grid's rank, clipped to each axis."""
+    return lambda shape, heads: [min(sizes[len(shape)], n) for n in shape]
+
+
+def _divisor_at_most(n: int, g: int) -> int:
+    return max(d for d in range(1, min(n, g) + 1) if n % d == 0)
+
+
+def _documents(shape, heads) -> List[int]:
+    """Four packed documents of 1/2, 1/4, 1/8 and the rest of the sequence (deterministic)."""
+    L = shape[0]
+    if L < 8:
+        return [L]
+    parts = [L // 2, L // 4, L // 8]
+    return parts + [L - sum(parts)]
+
+
+def _segments(shape, heads, n: int = 8) -> List[int]:
+    L = shape[0]
+    n = min(n, L)
+    return [L // n] * (n - 1) + [L - (L // n) * (n - 1)]
+
+
+DEFAULT_PARAMS: Dict[str, Dict[str, Any]] = {
+    "dense": {},
+    "tiled": {},
+    "sliding_window": {"window": 512},
+    "sink_window": {"sinks": 4, "window": 512},
+    "shifted_sparse": {"group_size": lambda shape, heads: max(2, shape[0] // 4)},
+    "head_sharded": {"block_size": 64, "local_blocks": 16, "vert_stride": 8},
+    "strided": {"stride": 128, "mode": "strided"},
+    "prefix_lm": {"prefix": lambda shape, heads: shape[0] // 4},
+    "document": {"document_lengths": _documents},
+    "segment_stream": {"segment_lengths": _segments},
+    "alibi": {},
+    "relative_bias": {"table": lambda shape, heads: {"randn": [heads, 2 * 128 + 1]}},
+    "softcap": {"cap": 30.0},
+    "neighborhood": {"kernel_size": _per_axis(_NA_KERNEL)},
+    "gna": {"kernel_size": _per_axis({1: 512, 2: 24, 3: 8}), "stride": _per_axis({1: 128, 2: 8, 3: 4})},
+    "window": {"window_size": _per_axis({1: 512, 2: 16, 3: 8})},
+    "shifted_window": {"window_size": _per_axis({1: 512, 2: 16, 3: 8})},
+    "halo": {"block_size": _per_axis({1: 256, 2: 8, 3: 4}), "halo_size": _per_axis({1: 128, 2: 3, 3: 2})},
+    "grid": {"grid_size": lambda shape, heads: [_divisor_at_most(n, 8) for n in shape]},
+    "tile3d": {"global_frames": 1},
+}
+
+
+def default_params(name: str, shape: Tuple[int, ...], heads: int) -> Dict[str, Any]:
+    """The resolved (JSON-able) default parameters of mechanism ``name`` for one case shape."""
+    return {k: (v(tuple(shape), heads) if callable(v) else v) for k, v in DEFAULT_PARAMS.get(name, {}).items()}
+
+
+def grid_for(length: int, ndim: int) -> Tuple[int, ...]:
+    """A near-square (near-cubic) grid of exactly ``length`` tokens: 4096 -> (64, 64), 8192 -> (64, 128).
+
+    Axes are non-decreasing; each is the largest divisor of what remains that is at most its
+    fair share (so a prime length gives (1, ..., L))."""
+    dims = []
+    rest = length
+    for axes_left in range(ndim, 1, -1):
+        share = rest ** (1 / axes_left)
+        d = max(x for x in range(1, int(math.floor(share + 1e-9)) + 1) if rest % x == 0)
+        dims.append(d)
+        rest //= d
+    dims.append(rest)
+    return tuple(dims)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One cross product of a preset. ``patterns=None``: each mechanism's first self pattern."""
+
+    mechanisms: Tuple[str, ...]
+    lengths: Tuple[int, ...]
+    directions: Tuple[str, ...] = ("fwd", "fwdbwd")
+    patterns: Optional[Tuple[str, ...]] = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    groups: Tuple[Group, ...]
+    repeats: int
+    warmup: int
+    timeout: float
+    doc: str = ""
+
+
+_QUICK_MECHS = ("dense", "tiled", "sliding_window", "neighborhood:2d", "document")
+_SEQUENCE = ("dense", "tiled", "sliding_window", "sink_window", "shifted_sparse", "head_sharded", "strided",
+             "prefix_lm", "document", "segment_stream", "alibi", "relative_bias", "softcap")
+_SPATIAL = ("neighborhood:1d", "neighborhood:2d", "neighborhood:3d", "gna:2d", "window:2d", "shifted_window:2d",
+            "halo:2d", "grid:2d", "tile3d:3d")
+
+PRESETS: Dict[str, Preset] = {
+    "quick": Preset(
+        groups=(Group(_QUICK_MECHS, (1024, 4096), ("fwd",)), Group(_QUICK_MECHS, (1024,), ("fwdbwd",))),
+        repeats=5, warmup=1, timeout=60.0,
+        doc="5 representative mechanisms; fwd at 1K and 4K, fwd+bwd at 1K (~3 min on 2 cores)"),
+    "standard": Preset(
+        groups=(Group(_SEQUENCE + _SPATIAL, (1024, 2048, 4096, 8192), ("fwd",)),
+                Group(_SEQUENCE + _SPATIAL, (1024, 2048), ("fwdbwd",))),
+        repeats=5, warmup=1, timeout=300.0,
+        doc="every mechanism; fwd at 1K-8K, fwd+bwd at 1K-2K"),
+    "full": Preset(
+        groups=(Group(_SEQUENCE + _SPATIAL, (1024, 2048, 4096, 8192, 16384), ("fwd", "fwdbwd"),
+                      ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")),),
+        repeats=10, warmup=2, timeout=600.0,
+        doc="every mechanism x the four CAB patterns x 1K-16K x fwd and fwd+bwd"),
+}

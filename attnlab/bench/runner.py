@@ -1,0 +1,369 @@
+"""Measuring cases: timing, memory, effective FLOPs, status, ratios to SDPA and derived slopes.
+
+One case, in this order (all in the running process, inputs seeded per case):
+
+1. build ``q, k, v`` (and the output gradient for ``fwdbwd``), validate the call and pick the
+   implementation (``impl='auto'``: the one the mechanism picks; recorded as ``impl_used``);
+2. **first call**, timed alone as ``first_call_s``: it includes building block masks and, for
+   FlexAttention, ``torch.compile`` (unless ``ATTNLAB_FLEX_COMPILE=0``); the next call is
+   recorded as ``second_call_s`` (it should compile nothing: compare it with the median);
+3. ``warmup`` calls left out of the statistics, then ``repeats`` calls timed with ``time.perf_counter``:
+   median, quartiles, min and max (the raw samples are stored), tokens/s = ``B * Lq / median``;
+4. one more call for memory (:mod:`attnlab.bench.memory`);
+5. the exact count of unmasked pairs and effective FLOPs (:mod:`attnlab.bench.flops`),
+   GFLOP/s = effective FLOPs / median.
+
+A forward call runs under ``torch.no_grad()``; a forward+backward call runs the forward on
+inputs that require grad and ``out.backward(dout)``. Every case ends with a status:
+``ok``, ``unsupported`` (the mechanism does not define the pattern / GQA, or the requested
+impl cannot serve the call: the reason is stored), ``oom``, ``timeout`` (the case's whole
+budget, enforced by ``SIGALRM`` between Python operations when running on the main thread and
+checked after every call otherwise; samples taken so far are kept) or ``error`` (the message).
+No status ever stops the run.
+
+Each case's baseline, torch's SDPA called directly (:meth:`Case.baseline`), is measured in the
+same run just before the cases that need it: ``sdpa_gflops_ratio`` ("x SDPA") = the case's
+effective GFLOP/s over the baseline's, ``sdpa_time_ratio`` = its median time over the baseline's.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .. import catalogue
+from ..reference import causal_mask
+from . import flops, memory
+from .cases import AUTO, Case, make_inputs, ordered_with_baselines
+from .store import Store, canonical, now
+
+
+@dataclass
+class Settings:
+    repeats: int = 5
+    warmup: int = 1
+    timeout: float = 60.0
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    case: Case
+    status: str = "ok"
+    message: Optional[str] = None
+    impl_used: Optional[str] = None
+    metrics: Dict[str, Tuple[Optional[float], str]] = field(default_factory=dict)  # name -> (value, unit)
+    samples: List[float] = field(default_factory=list)
+    started: Optional[str] = None
+    case_id: Optional[int] = None
+    baseline_case_id: Optional[int] = None
+
+    def value(self, name: str) -> Optional[float]:
+        return self.metrics.get(name, (None, ""))[0]
+
+
+class CaseTimeout(Exception):
+    pass
+
+
+class _Unsupported(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# Deadline
+# --------------------------------------------------------------------------------------------
+class _Deadline:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.perf_counter() + seconds
+        self.stage = "setup"
+
+    def check(self):
+        if time.perf_counter() > self.end:
+            raise CaseTimeout(f"exceeded the {self.seconds:g} s case timeout during {self.stage}")
+
+
+@contextmanager
+def deadline(seconds: float):
+    """A case budget: SIGALRM interrupts Python code past it (main thread only); ``check()`` anywhere.
+
+    An alarm already set by someone else (e.g. pytest-timeout) is kept: it fires through its own
+    handler when it is due first, and it is re-armed with its remaining time afterwards.
+    """
+    d = _Deadline(seconds)
+    use_alarm = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+                 and seconds > 0)
+    if not use_alarm:
+        yield d
+        return
+    start = time.perf_counter()
+    outer_end = None
+
+    def on_alarm(signum, frame):
+        if outer_end is not None and time.perf_counter() >= outer_end - 1e-3 and callable(old_handler):
+            return old_handler(signum, frame)
+        raise CaseTimeout(f"exceeded the {seconds:g} s case timeout during {d.stage}")
+
+    old_handler = signal.signal(signal.SIGALRM, on_alarm)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    if old_delay > 0:
+        outer_end = start + old_delay
+        if old_delay < seconds:
+            signal.setitimer(signal.ITIMER_REAL, old_delay)
+    try:
+        yield d
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if outer_end is not None:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_end - time.perf_counter(), 1e-3), old_interval)
+
+
+def _caused_by(exc: Optional[BaseException], kind: type) -> Optional[BaseException]:
+    """``exc`` or the first exception of its cause/context chain that is a ``kind``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+# --------------------------------------------------------------------------------------------
+# One case
+# --------------------------------------------------------------------------------------------
+def measure_case(case: Case, settings: Settings) -> Result:
+    """Measure one case; never raises (except KeyboardInterrupt): failures become a status."""
+    res = Result(case, started=now())
+    memory.release_free_memory()
+    try:
+        with deadline(settings.timeout) as dl:
+            _measure(case, settings, res, dl)
+    except _Unsupported as exc:
+        res.status, res.message = "unsupported", str(exc)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - one failing case never ends the run
+        timeout = _caused_by(exc, CaseTimeout)  # torch.compile may wrap the alarm's exception
+        if timeout is not None:
+            res.status = "timeout"
+            res.message = f"{timeout} ({len(res.samples)} of {settings.repeats} timed repeats done)"
+        else:
+            res.status = "oom" if _is_oom(exc) else "error"
+            res.message = f"{type(exc).__name__}: {exc}"
+    finally:
+        memory.release_free_memory()
+    if res.samples:
+        _time_metrics(res)
+    return res
+
+
+def _measure(case: Case, settings: Settings, res: Result, dl: _Deadline):
+    if case.is_baseline():
+        return _measure_calls(case, settings, res, dl, *_baseline_calls(case, settings, res))
+    mech = catalogue.mechanism(case.mechanism)
+    if case.pattern not in mech.patterns:
+        raise _Unsupported(f"{mech.name} does not define the {case.pattern} pattern; it defines "
+                           f"{', '.join(mech.patterns)}")
+    if case.heads != case.kv_heads and not mech.gqa:
+        raise _Unsupported(f"{mech.name} does not support grouped-query attention (heads != kv_heads)")
+    impl = None if case.impl == AUTO else case.impl
+    if impl is not None and impl not in mech.impl_names:
+        raise _Unsupported(f"{mech.name} has no impl {impl!r}; it has {', '.join(mech.impl_names)}")
+    q, k, v, dout, params = make_inputs(case, settings.seed)
+    call = mech.prepare(q, k, v, causal=case.causal, **params)
+    try:
+        res.impl_used = mech.select(call, impl).name
+    except ValueError as exc:
+        raise _Unsupported(str(exc)) from None
+
+    def forward():
+        return mech(q, k, v, causal=case.causal, impl=impl, **params)
+
+    _measure_calls(case, settings, res, dl, call, forward, q, k, v, dout)
+
+
+def _baseline_calls(case: Case, settings: Settings, res: Result):
+    """torch's SDPA called directly (bottom-right causal mask for causal cross attention)."""
+    q, k, v, dout, _ = make_inputs(case, settings.seed)
+    call = catalogue.mechanism("dense").prepare(q, k, v, causal=case.causal)
+    kw = dict(enable_gqa=case.heads != case.kv_heads)
+    if case.causal and case.q_len == case.kv_len:
+        kw["is_causal"] = True
+    elif case.causal:
+        kw["attn_mask"] = causal_mask(case.q_len, case.kv_len, q.device)
+    res.impl_used = "torch"
+
+    def forward():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+
+    return call, forward, q, k, v, dout
+
+
+def _measure_calls(case: Case, settings: Settings, res: Result, dl: _Deadline, call, forward, q, k, v, dout):
+    if case.direction == "fwd":
+        def step():
+            with torch.no_grad():
+                forward()
+        backward = None
+    else:
+        def backward(out):
+            out.backward(dout)
+
+        def step():
+            q.grad = k.grad = v.grad = None
+            backward(forward())
+
+    dl.stage = "the first call"
+    t0 = time.perf_counter()
+    step()
+    res.metrics["first_call_s"] = (time.perf_counter() - t0, "s")
+    dl.check()
+    dl.stage = "warm-up"
+    for i in range(settings.warmup):
+        t0 = time.perf_counter()
+        step()
+        if i == 0:
+            res.metrics["second_call_s"] = (time.perf_counter() - t0, "s")
+        dl.check()
+    dl.stage = "the timed repeats"
+    for _ in range(settings.repeats):
+        t0 = time.perf_counter()
+        step()
+        res.samples.append(time.perf_counter() - t0)
+        if "second_call_s" not in res.metrics:
+            res.metrics["second_call_s"] = (res.samples[-1], "s")
+        dl.check()
+
+    dl.stage = "the memory run"
+    q.grad = k.grad = v.grad = None
+    if backward is None:
+        mem = memory.measure(lambda: step())
+    else:
+        mem = memory.measure(forward, backward)
+    for name, value in mem.items():
+        if value is not None:
+            res.metrics[name] = (float(value), "bytes")
+
+    dl.stage = "counting unmasked pairs"
+    pairs = flops.unmasked_pairs(call)
+    res.metrics["unmasked_pairs"] = (float(pairs), "pairs")
+    res.metrics["density"] = (pairs / (call.batch * call.q_heads * call.q_len * call.kv_len), "fraction")
+    res.metrics["effective_flops"] = (flops.effective_flops(call, case.direction, pairs), "FLOP")
+
+
+def _time_metrics(res: Result):
+    s = np.asarray(res.samples)
+    q1, med, q3 = np.percentile(s, [25, 50, 75])
+    res.metrics.update({
+        "time_median_s": (float(med), "s"),
+        "time_q1_s": (float(q1), "s"),
+        "time_q3_s": (float(q3), "s"),
+        "time_min_s": (float(s.min()), "s"),
+        "time_max_s": (float(s.max()), "s"),
+        "tokens_per_s": (res.case.batch * res.case.q_len / float(med), "tokens/s"),
+    })
+    fl = res.value("effective_flops")
+    if fl is not None:
+        res.metrics["effective_gflops_per_s"] = (fl / float(med) / 1e9, "GFLOP/s")
+
+
+def add_ratios(res: Result, base: Optional[Result]):
+    """``sdpa_gflops_ratio`` and ``sdpa_time_ratio`` against the same-run SDPA baseline."""
+    if base is None or res.status != "ok" or base.status != "ok":
+        return
+    res.baseline_case_id = base.case_id
+    g, bg = res.value("effective_gflops_per_s"), base.value("effective_gflops_per_s")
+    t, bt = res.value("time_median_s"), base.value("time_median_s")
+    if g is not None and bg:
+        res.metrics["sdpa_gflops_ratio"] = (g / bg, "x")
+    if t is not None and bt:
+        res.metrics["sdpa_time_ratio"] = (t / bt, "x")
+
+
+# --------------------------------------------------------------------------------------------
+# A run
+# --------------------------------------------------------------------------------------------
+def run_cases(cases: Sequence[Case], settings: Settings, store: Optional[Store] = None,
+              run_id: Optional[int] = None, on_start: Callable[[int, int, Case], None] = lambda i, n, c: None,
+              on_done: Callable[[int, int, Result], None] = lambda i, n, r: None) -> List[Result]:
+    """Measure ``cases`` and their SDPA baselines, storing each result as it finishes."""
+    ordered = ordered_with_baselines(cases)
+    baselines: Dict[str, Result] = {}
+    results = []
+    for i, case in enumerate(ordered):
+        on_start(i, len(ordered), case)
+        res = measure_case(case, settings)
+        if case.is_baseline():
+            baselines[case.key()] = res
+            if res.status == "ok":  # its own baseline: ratios 1 by definition (baseline_case_id stays NULL)
+                res.metrics["sdpa_gflops_ratio"] = (1.0, "x")
+                res.metrics["sdpa_time_ratio"] = (1.0, "x")
+        else:
+            add_ratios(res, baselines.get(case.baseline().key()))
+        if store is not None:
+            _save(store, run_id, res)
+        results.append(res)
+        on_done(i, len(ordered), res)
+    return results
+
+
+def _save(store: Store, run_id: int, res: Result):
+    ms = [(n, v, u) for n, (v, u) in res.metrics.items()]
+    samples = [("time_s", "s", res.samples)] if res.samples else []
+    res.case_id = store.add_case(run_id, res.case.config(), status=res.status, message=res.message,
+                                 impl_used=res.impl_used, measurements=ms, samples=samples,
+                                 baseline_case_id=res.baseline_case_id, started=res.started)
+
+
+# --------------------------------------------------------------------------------------------
+# Derived: log-log slopes against L
+# --------------------------------------------------------------------------------------------
+SLOPE_METRICS = (("time_median_s", "slope_time_vs_L"), ("peak_rss_delta_bytes", "slope_peak_rss_vs_L"),
+                 ("saved_tensor_bytes", "slope_saved_bytes_vs_L"))
+
+
+def slopes(results: Sequence[Result]) -> List[Dict[str, Any]]:
+    """Least-squares slope of log(metric) against log(L) for every configuration measured at >= 3
+    lengths (ok cases only; a metric with a zero or missing value at some length is skipped)."""
+    groups: Dict[str, List[Result]] = {}
+    for r in results:
+        if r.status != "ok":
+            continue
+        c = r.case
+        g = {"mechanism": c.mechanism, "impl": c.impl, "pattern": c.pattern, "direction": c.direction,
+             "dtype": c.dtype, "batch": c.batch, "heads": c.heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
+             "grid_rank": None if c.grid is None else len(c.grid)}
+        groups.setdefault(canonical(g), []).append(r)
+    out = []
+    for gkey, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r.case.kv_len)
+        lengths = [r.case.kv_len for r in rs]
+        if len(set(lengths)) < 3:
+            continue
+        for metric, name in SLOPE_METRICS:
+            vals = [r.value(metric) for r in rs]
+            if any(v is None or v <= 0 for v in vals):
+                continue
+            slope = float(np.polyfit(np.log(lengths), np.log(vals), 1)[0])
+            out.append({"name": name, "group": json.loads(gkey), "value": slope, "unit": "log-log",
+                        "detail": {"metric": metric, "lengths": lengths, "values": vals}})
+    return out
+
+
