@@ -10,6 +10,7 @@ import json
 import math
 import signal
 import sqlite3
+from dataclasses import replace
 
 import pytest
 import torch
@@ -322,3 +323,85 @@ def test_first_call_includes_compilation(tmp_path, monkeypatch):
     m = c["measurements"]
     assert m["first_call_s"]["value"] > 5 * m["time_median_s"]["value"]
     assert m["density"]["value"] == pytest.approx((128 * 31 - 16 * 15) / 128 ** 2)
+
+
+# --------------------------------------------------------------------------------------------
+# --compare natten: NATTEN rows on the same cases, with the ratio attnlab / NATTEN
+# --------------------------------------------------------------------------------------------
+def test_compare_natten_rows_carry_the_ratio(tmp_path, monkeypatch):
+    pytest.importorskip("natten", minversion="0.21")
+    from attnlab.bench import external
+
+    monkeypatch.setenv("ATTNLAB_FLEX_COMPILE", "0")
+    rc, store, _ = _run(tmp_path, "--mechanisms", "neighborhood:1d,gna:2d,dense", "--lengths", "64",
+                        "--directions", "fwd", "--compare", "natten",
+                        "--params", '{"gna:2d": {"kernel_size": [4, 4], "stride": [2, 2]}}')
+    assert rc == 0
+    _, cases, _ = _cases(store)
+    by_id = {c["id"]: c for c in cases}
+    rows = {(c["mechanism"], c["impl"], c["direction"]): c for c in cases}
+    assert not any(c["mechanism"] == "dense" and c["impl"] in external.IMPLS for c in cases)  # NA entries only
+    for mech in ("neighborhood", "gna"):
+        nat = rows[(mech, external.UNCOMPILED, "fwd")]
+        assert nat["status"] == "ok" and nat["impl_used"] == external.UNCOMPILED
+        subject = by_id[int(nat["measurements"]["attnlab_case_id"]["value"])]
+        assert (subject["mechanism"], subject["impl"], subject["direction"]) == (mech, "auto", "fwd")
+        assert subject["params"] == nat["params"] and subject["grid"] == nat["grid"]
+        m, sm = nat["measurements"], subject["measurements"]
+        assert m["attnlab_natten_time_ratio"]["value"] == pytest.approx(
+            sm["time_median_s"]["value"] / m["time_median_s"]["value"])
+        assert m["unmasked_pairs"]["value"] == sm["unmasked_pairs"]["value"]  # the same mask, the same FLOPs
+        assert m["sdpa_time_ratio"]["value"] > 0  # and the same-run SDPA baseline
+        comp = rows[(mech, external.COMPILED, "fwd")]
+        assert comp["status"] in ("ok", "unsupported")
+        if comp["status"] == "unsupported":  # NATTEN 0.21 compiles flex only on CUDA cc >= 70
+            assert "NATTEN" in comp["message"]
+
+
+def test_natten_twin_runs_on_the_same_inputs_and_agrees(monkeypatch):
+    pytest.importorskip("natten", minversion="0.21")
+    from attnlab.bench import external
+
+    monkeypatch.setenv("ATTNLAB_FLEX_COMPILE", "0")
+    (case,) = bcases.expand(["neighborhood:2d"], [48], ["fwd"], heads=2, head_dim=16,
+                            params={"neighborhood": {"kernel_size": [3, 5], "dilation": [2, 1]}})
+    twin, _ = external.twins(case)
+    q, k, v, _, params = bcases.make_inputs(case, 0)
+    _, forward, *_ = external.calls(twin, q, k, v, subject="neighborhood")
+    with torch.no_grad():
+        got = forward().movedim(-2, 1)
+        want = attnlab.mechanism("neighborhood")(q, k, v, **params)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    # what NATTEN cannot run on CPU is unsupported, with the reason
+    bwd = replace(twin, direction="fwdbwd")
+    with pytest.raises(external.Unsupported, match="forward-only"):
+        external.calls(bwd, *bcases.make_inputs(bwd, 0)[:3], subject="neighborhood")
+    f64 = replace(twin, dtype="float64")
+    with pytest.raises(external.Unsupported, match="float64"):
+        external.calls(f64, *bcases.make_inputs(f64, 0)[:3], subject="neighborhood")
+
+
+def test_compare_natten_without_natten_is_unsupported(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setenv("ATTNLAB_FLEX_COMPILE", "0")
+    monkeypatch.setitem(sys.modules, "natten", None)  # `import natten` raises ImportError
+    rc, store, _ = _run(tmp_path, "--mechanisms", "neighborhood:1d", "--lengths", "32", "--directions", "fwd",
+                        "--compare", "natten", "--params", '{"neighborhood": {"kernel_size": 5}}')
+    assert rc == 0
+    _, cases, _ = _cases(store)
+    nat = [c for c in cases if c["impl"].startswith("natten")]
+    assert len(nat) == 2 and all(c["status"] == "unsupported" and "natten not installed" in c["message"]
+                                 for c in nat)
+    assert bench.main(["--compare", "flashinfer", "--store", str(tmp_path / "x.sqlite")]) == 2
+
+
+def test_store_from_before_loadavg_end_still_finishes_runs(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with Store(path) as s:
+        s.db.execute("ALTER TABLE runs DROP COLUMN loadavg_end")  # a pre-release schema-1 store
+    with Store(path) as s:
+        rid = s.start_run({"started": "t", "attnlab_version": "0", "torch_version": "0", "python_version": "3",
+                           "threads": 1, "seed": 0, "argv": [], "config": {}})
+        s.finish_run(rid, "0.1 0.1 0.1")
+        assert s.runs()[0]["loadavg_end"] == "0.1 0.1 0.1"

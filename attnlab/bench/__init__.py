@@ -4,11 +4,13 @@
     attnlab bench --mechanisms sliding_window,neighborhood:2d --lengths 8192 --patterns causal_self \\
                   --directions fwd --params '{"sliding_window": {"window": 512}}'
     attnlab bench --mechanisms tiled --lengths 1024,2048,4096,8192,16384 --directions fwd  # + log-log slopes
+    attnlab bench --mechanisms neighborhood:1d,neighborhood:3d --lengths 8192 --directions fwd --compare natten
 
 Modules, one idea each: :mod:`.presets` (defaults and presets), :mod:`.cases` (configurations
 and inputs), :mod:`.flops` (unmasked pairs, effective FLOPs), :mod:`.memory` (peak memory),
 :mod:`.runner` (measuring, statuses, ratios, slopes), :mod:`.store` (SQLite results),
-:mod:`.meta` (run metadata), :mod:`.output` (progress, tables).
+:mod:`.meta` (run metadata), :mod:`.output` (progress, tables), :mod:`.external` (NATTEN on the same
+cases, ``--compare natten``).
 
 Exit status: 0 when every case ended ok, unsupported, oom or timeout (measurement outcomes,
 all recorded); 1 when a case ended in ``error``; 2 for invalid options; 130 when interrupted
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .. import catalogue
+from . import external
 from . import presets as _presets
 from .cases import DIRECTIONS, DTYPES, Case, expand, parse_mechanism
 from .runner import Result, Settings, run_cases, slopes
@@ -84,6 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--head-dim", type=_positive(), default=64, help="head dim (default 64)")
     parser.add_argument("--impl", default=None, help="run this implementation (flex, tiled, sdpa, reference, ...) "
                         "instead of the one each mechanism picks; cases it cannot serve are 'unsupported'")
+    parser.add_argument("--compare", type=_csv(), default=[], metavar="NAME",
+                        help="also time an external implementation on the same cases: natten (NATTEN 0.21's "
+                             "na1d/na2d/na3d, uncompiled and compiled, on every neighborhood/gna case; rows "
+                             "'natten(flex-fna)' and 'natten(flex-fna,compiled)' with the ratio attnlab/NATTEN)")
     parser.add_argument("--params", default=None, metavar="JSON",
                         help="parameters per mechanism over the defaults, e.g. "
                              "'{\"sliding_window\": {\"window\": 256}, \"neighborhood:2d\": {\"kernel_size\": 31}}' "
@@ -123,6 +130,10 @@ def plan_cases(args: argparse.Namespace) -> List[Case]:
             raise OptionError(f"--dtype: each must be one of {', '.join(DTYPES)}, got {d!r}")
     if args.kv_heads is not None and args.heads % args.kv_heads:
         raise OptionError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    compare = getattr(args, "compare", None) or []
+    for c in compare:
+        if c not in external.COMPARISONS:
+            raise OptionError(f"--compare: each must be one of {', '.join(external.COMPARISONS)}, got {c!r}")
     params = _parse_params(args.params)
     cases: List[Case] = []
     for g in preset.groups:
@@ -133,6 +144,8 @@ def plan_cases(args: argparse.Namespace) -> List[Case]:
                             impl=args.impl, params=params)
         except (KeyError, ValueError) as exc:
             raise OptionError(f"--mechanisms: {exc.args[0] if exc.args else exc}") from None
+    if external.NATTEN in compare:
+        cases = external.with_twins(cases)
     return cases
 
 
@@ -209,6 +222,9 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
             store.finish_run(run_id, loadavg())
             out.print(output.results_table(results, title=f"attnlab bench: run {run_id} "
                                            f"({torch.get_num_threads()} threads, {','.join(args.dtype)})"))
+            nt = output.external_table(results)
+            if nt is not None:
+                out.print(nt)
             st = output.slopes_table(derived)
             if st is not None:
                 out.print(st)

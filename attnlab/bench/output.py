@@ -84,6 +84,7 @@ def results_table(results: Sequence[Result], title: str = "attnlab bench") -> Ta
                       ("tokens/s", "right"), ("eff GFLOP/s", "right"), ("x SDPA", "right"), ("t/SDPA", "right"),
                       ("peak mem", "right"), ("saved", "right"), ("status", "left")):
         t.add_column(col, justify=just)
+
     for r in results:
         c = r.case
         med = r.value("time_median_s")
@@ -99,6 +100,34 @@ def results_table(results: Sequence[Result], title: str = "attnlab bench") -> Ta
                   _bytes(r.value("peak_rss_delta_bytes")), _bytes(r.value("saved_tensor_bytes")),
                   f"[{_STATUS_STYLE.get(r.status, '')}]{_escape(status)}[/]")
     return t
+
+
+def external_table(results: Sequence[Result]) -> Optional[Table]:
+    """attnlab against NATTEN on the same cases (``--compare natten``); None when there are no such rows."""
+    from .external import is_external
+
+    twins = [r for r in results if is_external(r.case)]
+    if not twins:
+        return None
+    t = Table(title="attnlab vs NATTEN (same inputs; ratio = attnlab median / NATTEN median, < 1: attnlab faster)",
+              header_style="bold")
+    for col in ("mechanism", "grid", "params", "dir", "attnlab impl", "attnlab ms", "NATTEN", "NATTEN ms",
+                "attnlab/NATTEN", "status"):
+        t.add_column(col, justify="right" if col.endswith("ms") or "/" in col else "left")
+    for r in twins:
+        c = r.case
+        subject = r.compared_with
+        status = r.status if r.status == "ok" else f"{r.status}: {_short(r.message, 90)}"
+        t.add_row(c.label, "x".join(map(str, c.grid or (c.kv_len,))), _escape(_params(c.params)), c.direction,
+                  (subject.impl_used or "-") if subject else "-",
+                  _fmt(subject.value("time_median_s") if subject else None, ".2f", 1e3), c.impl,
+                  _fmt(r.value("time_median_s"), ".2f", 1e3), _fmt(r.value("attnlab_natten_time_ratio"), ".3f"),
+                  f"[{_STATUS_STYLE.get(r.status, '')}]{_escape(status)}[/]")
+    return t
+
+
+def _params(p: Dict) -> str:
+    return " ".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in p.items())
 
 
 def slopes_table(derived: List[Dict]) -> Optional[Table]:

@@ -24,6 +24,10 @@ No status ever stops the run.
 Each case's baseline, torch's SDPA called directly (:meth:`Case.baseline`), is measured in the
 same run just before the cases that need it: ``sdpa_gflops_ratio`` ("x SDPA") = the case's
 effective GFLOP/s over the baseline's, ``sdpa_time_ratio`` = its median time over the baseline's.
+
+External twins (:mod:`attnlab.bench.external`, ``--compare natten``: impl ``natten(flex-fna)``
+...) run right after the attnlab case they follow, on that case's inputs, and get
+``attnlab_natten_time_ratio`` = the attnlab case's median time over theirs and ``attnlab_case_id``.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import torch
 from .. import catalogue
 from ..reference import causal_mask
 from . import flops, memory
+from . import external
 from .cases import AUTO, Case, make_inputs, ordered_with_baselines
 from .store import Store, canonical, now
 
@@ -64,6 +69,7 @@ class Result:
     started: Optional[str] = None
     case_id: Optional[int] = None
     baseline_case_id: Optional[int] = None
+    compared_with: Optional["Result"] = field(default=None, repr=False)  # external twin: its attnlab result
 
     def value(self, name: str) -> Optional[float]:
         return self.metrics.get(name, (None, ""))[0]
@@ -148,14 +154,16 @@ def _is_oom(exc: BaseException) -> bool:
 # --------------------------------------------------------------------------------------------
 # One case
 # --------------------------------------------------------------------------------------------
-def measure_case(case: Case, settings: Settings) -> Result:
-    """Measure one case; never raises (except KeyboardInterrupt): failures become a status."""
+def measure_case(case: Case, settings: Settings, subject: Optional[Case] = None) -> Result:
+    """Measure one case; never raises (except KeyboardInterrupt): failures become a status.
+
+    ``subject``: for an external twin (:mod:`.external`), the attnlab case whose inputs it reuses."""
     res = Result(case, started=now())
     memory.release_free_memory()
     try:
         with deadline(settings.timeout) as dl:
-            _measure(case, settings, res, dl)
-    except _Unsupported as exc:
+            _measure(case, settings, res, dl, subject)
+    except (_Unsupported, external.Unsupported) as exc:
         res.status, res.message = "unsupported", str(exc)
     except KeyboardInterrupt:
         raise
@@ -174,9 +182,11 @@ def measure_case(case: Case, settings: Settings) -> Result:
     return res
 
 
-def _measure(case: Case, settings: Settings, res: Result, dl: _Deadline):
+def _measure(case: Case, settings: Settings, res: Result, dl: _Deadline, subject: Optional[Case] = None):
     if case.is_baseline():
         return _measure_calls(case, settings, res, dl, *_baseline_calls(case, settings, res))
+    if external.is_external(case):
+        return _measure_calls(case, settings, res, dl, *_external_calls(case, settings, res, subject))
     mech = catalogue.mechanism(case.mechanism)
     if case.pattern not in mech.patterns:
         raise _Unsupported(f"{mech.name} does not define the {case.pattern} pattern; it defines "
@@ -214,6 +224,14 @@ def _baseline_calls(case: Case, settings: Settings, res: Result):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
 
     return call, forward, q, k, v, dout
+
+
+def _external_calls(case: Case, settings: Settings, res: Result, subject: Optional[Case]):
+    """A NATTEN twin on the inputs of its attnlab case (the twin's own seed when run alone)."""
+    res.impl_used = case.impl
+    q, k, v, _, _ = make_inputs(subject or case, settings.seed)
+    call, forward, q, k, v = external.calls(case, q, k, v, subject=case.mechanism)
+    return call, forward, q, k, v, None
 
 
 def _measure_calls(case: Case, settings: Settings, res: Result, dl: _Deadline, call, forward, q, k, v, dout):
@@ -297,6 +315,16 @@ def add_ratios(res: Result, base: Optional[Result]):
         res.metrics["sdpa_time_ratio"] = (t / bt, "x")
 
 
+def add_external_ratio(res: Result, subject: Result):
+    """``attnlab_natten_time_ratio`` = the attnlab case's median time over the external twin's."""
+    res.compared_with = subject
+    if subject.case_id is not None:
+        res.metrics["attnlab_case_id"] = (float(subject.case_id), "case id")
+    t, st = res.value("time_median_s"), subject.value("time_median_s")
+    if res.status == "ok" and subject.status == "ok" and t and st is not None:
+        res.metrics["attnlab_natten_time_ratio"] = (st / t, "x")
+
+
 # --------------------------------------------------------------------------------------------
 # A run
 # --------------------------------------------------------------------------------------------
@@ -306,10 +334,16 @@ def run_cases(cases: Sequence[Case], settings: Settings, store: Optional[Store] 
     """Measure ``cases`` and their SDPA baselines, storing each result as it finishes."""
     ordered = ordered_with_baselines(cases)
     baselines: Dict[str, Result] = {}
+    subjects: Dict[str, Result] = {}  # external twin key -> the attnlab result it compares with
     results = []
     for i, case in enumerate(ordered):
         on_start(i, len(ordered), case)
-        res = measure_case(case, settings)
+        subject = subjects.get(case.key())
+        res = measure_case(case, settings, subject.case if subject else None)
+        for twin in external.twins(case):
+            subjects.setdefault(twin.key(), res)
+        if subject is not None:
+            add_external_ratio(res, subject)
         if case.is_baseline():
             baselines[case.key()] = res
             if res.status == "ok":  # its own baseline: ratios 1 by definition (baseline_case_id stays NULL)

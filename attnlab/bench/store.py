@@ -154,6 +154,10 @@ class Store:
                     self.db.execute(stmt)
                 version += 1
                 self.db.execute("UPDATE schema_version SET version = ?", (version,))
+            # stores written before runs.loadavg_end joined schema 1 (pre-release): add the column
+            run_cols = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
+            if "loadavg_end" not in run_cols:
+                self.db.execute("ALTER TABLE runs ADD COLUMN loadavg_end TEXT")
 
     def schema_version(self) -> int:
         return self.db.execute("SELECT version FROM schema_version").fetchone()[0]
