@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
@@ -220,19 +220,3 @@ def take(table: torch.Tensor, idx):
     the end of the sequence (they are masked out anyway); lookups must not fault on them.
     """
     return table[torch.clamp(idx, max=table.shape[-1] - 1)]
-
-
-def tensor_key(t: torch.Tensor) -> tuple:
-    """A hashable key for a small tensor parameter that is treated as data (e.g. document lengths)."""
-    return (tuple(t.shape), tuple(t.flatten().tolist()))
-
-
-def all_masks(masks: Sequence[Optional[Mask]]) -> Optional[Mask]:
-    """AND of the masks that are not None, or None."""
-    present = [m for m in masks if m is not None]
-    if not present:
-        return None
-    out = present[0]
-    for m in present[1:]:
-        out = out & m
-    return out

@@ -31,7 +31,7 @@ from .. import reference as _ref
 from .. import tiled as _tiled
 from ..catalogue import Call, Implementation
 from . import blocks as _blocks
-from .base import Geometry, Mask, ScoreMod, causal as _causal_mask, token_order
+from .base import Geometry, Mask, causal as _causal_mask, token_order
 
 #: Tile edge (queries and keys) of the block structures used by ``tiled`` and ``flex``. Measured with
 #: ``attnlab bench`` on this project's 2-core CPU at L=8192: 64 beats 128 by up to 2x on local patterns

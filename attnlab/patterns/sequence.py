@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import Mask, take, tensor_key
+from .base import Mask, take
 
 
 def sliding_window(window: int) -> Mask:
@@ -189,4 +189,4 @@ def lengths_from(lengths: Optional[Sequence[int]], offsets: Optional[Sequence[in
 
 
 __all__ = ["sliding_window", "sinks", "sink_window", "prefix_lm", "document", "segment_stream", "shifted_sparse",
-           "head_sharded", "strided", "from_tensor", "tensor_key"]
+           "head_sharded", "strided", "from_tensor"]
