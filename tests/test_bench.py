@@ -117,10 +117,13 @@ def test_ratio_is_against_sdpa_of_the_same_run(basic):
         for f in ("pattern", "direction", "dtype", "batch", "heads", "kv_heads", "q_len", "kv_len", "head_dim"):
             assert base[f] == c[f]
         bm = base["measurements"]
+        # Paired: each timed repeat follows one baseline call on the same shapes; the time ratio is
+        # the median of the per-repeat ratios, the GFLOP/s ratio follows from it and the FLOP counts.
+        ratio = m["sdpa_time_ratio"]["value"]
+        assert ratio == pytest.approx(m["sdpa_paired_time_ratio"]["value"])
+        assert 0 < m["sdpa_paired_median_s"]["value"]
         assert m["sdpa_gflops_ratio"]["value"] == pytest.approx(
-            m["effective_gflops_per_s"]["value"] / bm["effective_gflops_per_s"]["value"])
-        assert m["sdpa_time_ratio"]["value"] == pytest.approx(m["time_median_s"]["value"] /
-                                                              bm["time_median_s"]["value"])
+            m["effective_flops"]["value"] / bm["effective_flops"]["value"] / ratio)
         assert base["id"] < c["id"]  # measured before the cases that use it
         checked += 1
     assert checked == 3 * 3 * 2
@@ -405,3 +408,18 @@ def test_store_from_before_loadavg_end_still_finishes_runs(tmp_path):
                            "threads": 1, "seed": 0, "argv": [], "config": {}})
         s.finish_run(rid, "0.1 0.1 0.1")
         assert s.runs()[0]["loadavg_end"] == "0.1 0.1 0.1"
+
+
+def test_paired_ratio_is_the_median_of_per_repeat_ratios():
+    """Drift cancels: the ratio pairs each repeat with the baseline call just before it."""
+    from attnlab.bench import runner
+
+    res = runner.Result(case=None, samples=[2.0, 4.0, 6.0], paired_samples=[1.0, 1.0, 3.0])
+    res.case = type("C", (), {"batch": 1, "q_len": 8})()
+    res.metrics["effective_flops"] = (12.0, "FLOP")
+    runner._time_metrics(res)
+    assert res.value("sdpa_paired_time_ratio") == 2.0  # per-repeat ratios 2, 4, 2 (medians would give 4)
+    base = runner.Result(case=None, metrics={"effective_flops": (6.0, "FLOP"), "time_median_s": (1.0, "s")})
+    runner.add_ratios(res, base)
+    assert res.value("sdpa_time_ratio") == 2.0
+    assert res.value("sdpa_gflops_ratio") == 1.0  # twice the FLOPs in twice the time

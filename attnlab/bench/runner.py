@@ -22,8 +22,11 @@ checked after every call otherwise; samples taken so far are kept) or ``error`` 
 No status ever stops the run.
 
 Each case's baseline, torch's SDPA called directly (:meth:`Case.baseline`), is measured in the
-same run just before the cases that need it: ``sdpa_gflops_ratio`` ("x SDPA") = the case's
-effective GFLOP/s over the baseline's, ``sdpa_time_ratio`` = its median time over the baseline's.
+same run just before the cases that need it, as its own row. The ratios are *paired*: every timed
+repeat of a case is preceded by one timed baseline call on the same shapes (``paired_samples``),
+so slow drift of the machine (frequency, other load) cancels. ``sdpa_time_ratio`` = the median over
+repeats of case time / paired baseline time; ``sdpa_gflops_ratio`` ("x SDPA") = the case's
+effective FLOPs over the baseline's, divided by ``sdpa_time_ratio``.
 
 External twins (:mod:`attnlab.bench.external`, ``--compare natten``: impl ``natten(flex-fna)``
 ...) run right after the attnlab case they follow, on that case's inputs, and get
@@ -66,6 +69,7 @@ class Result:
     impl_used: Optional[str] = None
     metrics: Dict[str, Tuple[Optional[float], str]] = field(default_factory=dict)  # name -> (value, unit)
     samples: List[float] = field(default_factory=list)
+    paired_samples: List[float] = field(default_factory=list)  # baseline calls interleaved with samples
     started: Optional[str] = None
     case_id: Optional[int] = None
     baseline_case_id: Optional[int] = None
@@ -206,7 +210,9 @@ def _measure(case: Case, settings: Settings, res: Result, dl: _Deadline, subject
     def forward():
         return mech(q, k, v, causal=case.causal, impl=impl, **params)
 
-    _measure_calls(case, settings, res, dl, call, forward, q, k, v, dout)
+    _, b_forward, bq, bk, bv, b_dout = _baseline_calls(case.baseline(), settings, Result(case.baseline()))
+    paired = _step(case.direction, b_forward, bq, bk, bv, b_dout)[0]
+    _measure_calls(case, settings, res, dl, call, forward, q, k, v, dout, paired)
 
 
 def _baseline_calls(case: Case, settings: Settings, res: Result):
@@ -234,19 +240,26 @@ def _external_calls(case: Case, settings: Settings, res: Result, subject: Option
     return call, forward, q, k, v, None
 
 
-def _measure_calls(case: Case, settings: Settings, res: Result, dl: _Deadline, call, forward, q, k, v, dout):
-    if case.direction == "fwd":
+def _step(direction: str, forward, q, k, v, dout):
+    """``(step, backward)``: one timed unit of work (forward, or forward and backward)."""
+    if direction == "fwd":
         def step():
             with torch.no_grad():
                 forward()
-        backward = None
-    else:
-        def backward(out):
-            out.backward(dout)
+        return step, None
 
-        def step():
-            q.grad = k.grad = v.grad = None
-            backward(forward())
+    def backward(out):
+        out.backward(dout)
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        backward(forward())
+    return step, backward
+
+
+def _measure_calls(case: Case, settings: Settings, res: Result, dl: _Deadline, call, forward, q, k, v, dout,
+                   paired: Optional[Callable[[], None]] = None):
+    step, backward = _step(case.direction, forward, q, k, v, dout)
 
     dl.stage = "the first call"
     t0 = time.perf_counter()
@@ -261,7 +274,13 @@ def _measure_calls(case: Case, settings: Settings, res: Result, dl: _Deadline, c
             res.metrics["second_call_s"] = (time.perf_counter() - t0, "s")
         dl.check()
     dl.stage = "the timed repeats"
+    if paired is not None:
+        paired()  # warm the baseline too
     for _ in range(settings.repeats):
+        if paired is not None:
+            t0 = time.perf_counter()
+            paired()
+            res.paired_samples.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         step()
         res.samples.append(time.perf_counter() - t0)
@@ -300,6 +319,10 @@ def _time_metrics(res: Result):
     fl = res.value("effective_flops")
     if fl is not None:
         res.metrics["effective_gflops_per_s"] = (fl / float(med) / 1e9, "GFLOP/s")
+    n = min(len(res.samples), len(res.paired_samples))
+    if n:
+        res.metrics["sdpa_paired_median_s"] = (float(np.median(res.paired_samples[:n])), "s")
+        res.metrics["sdpa_paired_time_ratio"] = (float(np.median(s[:n] / np.asarray(res.paired_samples[:n]))), "x")
 
 
 def add_ratios(res: Result, base: Optional[Result]):
@@ -307,12 +330,16 @@ def add_ratios(res: Result, base: Optional[Result]):
     if base is None or res.status != "ok" or base.status != "ok":
         return
     res.baseline_case_id = base.case_id
-    g, bg = res.value("effective_gflops_per_s"), base.value("effective_gflops_per_s")
-    t, bt = res.value("time_median_s"), base.value("time_median_s")
-    if g is not None and bg:
-        res.metrics["sdpa_gflops_ratio"] = (g / bg, "x")
-    if t is not None and bt:
-        res.metrics["sdpa_time_ratio"] = (t / bt, "x")
+    ratio = res.value("sdpa_paired_time_ratio")
+    if ratio is None:  # no paired samples (e.g. an external twin): medians of the two rows
+        t, bt = res.value("time_median_s"), base.value("time_median_s")
+        ratio = t / bt if t is not None and bt else None
+    if ratio is None or not ratio:
+        return
+    res.metrics["sdpa_time_ratio"] = (ratio, "x")
+    fl, bfl = res.value("effective_flops"), base.value("effective_flops")
+    if fl is not None and bfl:
+        res.metrics["sdpa_gflops_ratio"] = (fl / bfl / ratio, "x")
 
 
 def add_external_ratio(res: Result, subject: Result):
