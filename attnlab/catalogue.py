@@ -45,6 +45,7 @@ class Param:
     choices: Tuple = ()
     per_axis: bool = False
     optional: bool = False
+    per_token: bool = False  # a tensor whose axis 2 runs over key positions (gates, decays); see recurrent.py
 
     def describe(self) -> str:
         """Human-readable valid range, used in errors and ``attnlab info``."""
@@ -202,6 +203,26 @@ class Mechanism:
     example_shape: Optional[tuple] = None  # small grid (spatial) or length (sequence) the examples fit
     extras: Dict[str, Any] = field(default_factory=dict)
     reference_impl: str = "reference"
+    #: Linear / recurrent entries: their parallel, chunked and recurrent forms (attnlab.recurrent).
+    recurrence: Optional[Any] = None
+    #: Floats of per-layer state as a function of (heads, head_dim, value_dim, **params); None for
+    #: entries whose state is a KV cache growing with the context.
+    state_size: Optional[Callable[..., int]] = None
+    #: Useful forward FLOPs of a call (the benchmark's numerator), when the area count of
+    #: unmasked query-key pairs does not describe the mechanism's work; None otherwise.
+    flops: Optional[Callable[[Call], float]] = None
+    #: Time, memory and state complexity in L (length), d (head dim), w (window), C (chunk) ...
+    complexity: Dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.recurrence is not None and self.state_size is None:
+            size = self.recurrence.state_size
+
+            def state_size(heads: int, head_dim: int, value_dim: int, **params) -> int:
+                """Floats of per-layer state; parameters not given take the entry's defaults."""
+                return size(heads, head_dim, value_dim, **{**{p.name: p.default for p in self.params}, **params})
+
+            self.state_size = state_size
 
     # ---- capability data --------------------------------------------------------------
     @property
@@ -226,6 +247,8 @@ class Mechanism:
             "gqa": self.gqa,
             "params": [p.as_dict() for p in self.params],
             "impls": [{"name": i.name, "doc": i.doc} for i in self.impls],
+            "complexity": dict(self.complexity),
+            "stateful": self.recurrence is not None,
         }
 
     # ---- calling ------------------------------------------------------------------------
@@ -240,6 +263,25 @@ class Mechanism:
                   **params):
         """The readable definition (the dense oracle with this mechanism's mask / modifier)."""
         return self(q, k, v, causal=causal, impl=self.reference_impl, scale=scale, return_lse=return_lse, **params)
+
+    def scan(self, q, k, v, state=None, *, impl: str = "chunked", **params):
+        """Causal segment continuing ``state`` (None: the initial state) -> ``(out, final state)``."""
+        from .recurrent import scan
+
+        return scan(self._stateful("scan"), q, k, v, state, impl=impl, **params)
+
+    def step(self, state, q_t, k_t, v_t, **params):
+        """One causal token ``(B, H, D)`` through the recurrent form -> ``(o_t, new state)``."""
+        from .recurrent import step
+
+        return step(self._stateful("step"), state, q_t, k_t, v_t, **params)
+
+    def _stateful(self, what: str) -> "Mechanism":
+        if self.recurrence is None:
+            stateful = [m.name for m in mechanisms() if m.recurrence is not None]
+            raise TypeError(f"{self.name} has no recurrent form, so no {what}(); entries with one: "
+                            f"{', '.join(stateful) or 'none'}")
+        return self
 
     def select(self, call: Call, impl: Optional[str] = None) -> Implementation:
         if impl is not None:

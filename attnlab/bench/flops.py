@@ -7,6 +7,11 @@ masks. Per visible pair the forward does one ``q.k`` dot product and one ``p*v``
     FLOPs_fwd    = 2 * (D + Dv) * pairs          (= 4 * D * pairs when Dv = D)
     FLOPs_fwdbwd = 3.5 * FLOPs_fwd               (backward = 2.5x forward, FlashAttention's count)
 
+Entries that are not masked softmax attention (the linear / recurrent family) declare their own
+count: ``m.flops(call)`` gives the forward FLOPs the mechanism actually needs (e.g. the state
+updates and reads of a chunked linear attention), and ``FLOPs_fwdbwd`` is 3.5x that as above; no
+pair count is recorded for them.
+
 ``pairs`` is exact: it is the :class:`~attnlab.patterns.blocks.BlockStructure` pair count of
 the call's full mask (pattern and causality, :func:`attnlab.patterns.executor.plan`), the same
 structure the block-sparse kernels visit, scaled from its leading ``(Bm, Hm)`` dims (1 where the
@@ -14,6 +19,8 @@ mask ignores batch / head) to every batch element and query head. A call without
 ``B * Hq * Lq * Lk`` pairs.
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 from ..catalogue import Call
 from ..patterns import executor as ex
@@ -34,3 +41,19 @@ def unmasked_pairs(call: Call) -> int:
 def effective_flops(call: Call, direction: str, pairs: int) -> float:
     fwd = 2.0 * (call.head_dim + call.value_dim) * pairs
     return fwd * (1.0 + BACKWARD_FACTOR) if direction == "fwdbwd" else fwd
+
+
+def own_count(call: Call):
+    """The mechanism's own forward-FLOP function (``m.flops``), or None: count by area."""
+    return getattr(call.mechanism, "flops", None)
+
+
+def count(call: Call, direction: str) -> Tuple[float, Optional[int]]:
+    """``(effective FLOPs, unmasked pairs)`` of a call: by area, or by the mechanism's own count
+    (pairs None) when it declares one."""
+    own = own_count(call)
+    if own is not None:
+        fwd = float(own(call))
+        return (fwd * (1.0 + BACKWARD_FACTOR) if direction == "fwdbwd" else fwd), None
+    pairs = unmasked_pairs(call)
+    return effective_flops(call, direction, pairs), pairs

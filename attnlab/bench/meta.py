@@ -1,4 +1,6 @@
-"""Run metadata: what produced a result (code, versions, machine, settings), for the ``runs`` table."""
+"""Run metadata: what produced a result (code, versions, machine, settings), for the ``runs`` table,
+and who writes a run (:func:`owner`, :func:`alive`: what lets a restarted command resume a killed run
+without ever taking over one that is still being written)."""
 from __future__ import annotations
 
 import os
@@ -50,6 +52,55 @@ def loadavg() -> Optional[str]:
             return f.read().strip()
     except OSError:
         return None
+
+
+def _boot_id() -> Optional[str]:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> Optional[int]:
+    """A live process's start time in clock ticks since boot (``/proc/PID/stat`` field 22); None when
+    there is no such process, it is a zombie (exited, not yet reaped), or there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def owner() -> Dict[str, Any]:
+    """Who writes a run: this machine (host name and boot id) and this process (pid and start time)."""
+    return {"host": platform.node(), "boot_id": _boot_id(), "pid": os.getpid(), "pid_start": _start_time(os.getpid())}
+
+
+def alive(who: Dict[str, Any]) -> bool:
+    """Whether the writer ``who`` (an :func:`owner` record) may still be running.
+
+    Dead for sure: same host, and another boot, or no such process, or a process with that pid
+    that started at another time (the pid was reused). A writer on another host is taken as alive
+    (nothing here can tell), so its run is never taken over from here."""
+    if who.get("host") != platform.node():
+        return True
+    if who.get("boot_id") and _boot_id() and who["boot_id"] != _boot_id():
+        return False
+    pid = who.get("pid")
+    if not isinstance(pid, int):
+        return False
+    if not os.path.isdir("/proc/self"):  # no procfs: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    started = _start_time(pid)
+    return started is not None and (who.get("pid_start") is None or started == who["pid_start"])
 
 
 def run_metadata(*, seed: int, preset: Optional[str], argv: Sequence[str], config: Dict[str, Any]) -> Dict[str, Any]:

@@ -6,24 +6,33 @@ query heads, so that one default fits every length. They are chosen so that loca
 see about 512 keys per query (sliding window 512, neighbourhood 513 / 23x23 / 8x8x8), close to
 the settings of the papers at these lengths. ``--params`` overrides them key by key; the
 resolved values are recorded with every case. A value ``{"randn": shape}`` stands for a seeded
-``torch.randn`` tensor of that shape (learnable tables such as ``relative_bias``).
+``torch.randn`` tensor of that shape (learnable tables such as ``relative_bias``), and
+``{"randn": shape, "map": "module:function"}`` for that function applied to it (GLA's gates:
+``attnlab.entries.gla:gate_log`` of N(0, 1) logits).
 
 **Presets.** A preset is a list of *groups* (mechanisms x lengths x directions x patterns) plus
 repeats, warm-up and per-case timeout. Options given on the command line replace the preset's
 value in every group (duplicates are dropped), so ``--lengths 8192`` keeps a preset's
 mechanisms and directions.
 
-``quick`` (the default) must finish in about 3 minutes on 2 CPU cores *including* FlexAttention's
-first-call compilation (about 5-20 s per new mask and shape): five representative mechanisms
-(dense, tiled, sliding_window, 2-D neighborhood, document) forward at 1024 and 4096 tokens, and
-forward+backward at 1024 (backward runs on the PyTorch ``tiled`` engine on CPU, an order of
-magnitude slower than the compiled forward).
+``quick`` (the default) must finish in under 3 minutes on 2 CPU cores *including* FlexAttention's
+first-call compilation (about 5-20 s per new mask and shape): dense, sliding_window, 2-D
+neighborhood, document and the first linear-family entry forward at 1024, 2048 and 4096 tokens
+(three lengths: log-log slopes and CAB efficiency lengths), the exact PyTorch ``tiled`` engine
+forward at 1024 only (it computes every pair in Python-driven tiles: seconds per call at 4K), all
+six forward+backward at 1024 (backward runs on the ``tiled`` engine on CPU, an order of magnitude
+slower than the compiled forward), and two LongCA-bench masks (packed causal documents and
+share-question) forward at 4096. ``standard`` and ``full`` take every catalogue entry when the
+plan is made (entries registered later are included) and LongCA-bench's whole mask set.
+
+Presets may carry quality-task groups (:class:`TaskGroup`; ``full`` runs every task at its full
+configurations after the efficiency cases); ``--task`` replaces them, ``--task none`` drops them.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 #: Axis sizes of the local window per spatial rank, chosen to see ~512 keys.
 _NA_KERNEL = {1: 513, 2: 23, 3: 8}
@@ -74,6 +83,9 @@ DEFAULT_PARAMS: Dict[str, Dict[str, Any]] = {
     "halo": {"block_size": _per_axis({1: 256, 2: 8, 3: 4}), "halo_size": _per_axis({1: 128, 2: 3, 3: 2})},
     "grid": {"grid_size": lambda shape, heads: [_divisor_at_most(n, 8) for n in shape]},
     "tile3d": {"global_frames": 1},
+    # GLA's per-token log forget gates, one per head and token: GLA's own map of seeded N(0, 1) logits.
+    "gla": {"log_gates": lambda shape, heads: {"randn": [1, heads, shape[0], 1],
+                                               "map": "attnlab.entries.gla:gate_log"}},
 }
 
 
@@ -98,14 +110,43 @@ def grid_for(length: int, ndim: int) -> Tuple[int, ...]:
     return tuple(dims)
 
 
+def _entries(family: Optional[str] = None, layout: Optional[str] = None, first: bool = False) -> Tuple[str, ...]:
+    """Catalogue entries at plan time (so entries registered later are included)."""
+    from .. import catalogue
+
+    names = tuple(m.name for m in catalogue.mechanisms() if (family is None or m.family == family)
+                  and (layout is None or m.layout == layout))
+    return names[:1] if first else names
+
+
 @dataclass(frozen=True)
 class Group:
-    """One cross product of a preset. ``patterns=None``: each mechanism's first self pattern."""
+    """One cross product of a preset. ``patterns=None``: each mechanism's first self pattern.
 
-    mechanisms: Tuple[str, ...]
+    ``mechanisms`` is a tuple of specs or a function returning one when the plan is made."""
+
+    mechanisms: Union[Tuple[str, ...], Callable[[], Tuple[str, ...]]]
     lengths: Tuple[int, ...]
     directions: Tuple[str, ...] = ("fwd", "fwdbwd")
     patterns: Optional[Tuple[str, ...]] = None
+
+    def names(self) -> Tuple[str, ...]:
+        return tuple(self.mechanisms() if callable(self.mechanisms) else self.mechanisms)
+
+
+@dataclass(frozen=True)
+class TaskGroup:
+    """Quality-task cases of a preset: ``task`` (a name of :mod:`attnlab.bench.tasks`, or ``all``) for
+    each mechanism (tuple or function) and seed, at the configurations the task module gives for
+    ``size`` (``tiny``, ``quick``, ``standard``, ``full``)."""
+
+    task: str
+    mechanisms: Union[Tuple[str, ...], Callable[[], Tuple[str, ...]]]
+    size: str
+    seeds: Tuple[int, ...] = (0,)
+
+    def names(self) -> Tuple[str, ...]:
+        return tuple(self.mechanisms() if callable(self.mechanisms) else self.mechanisms)
 
 
 @dataclass(frozen=True)
@@ -115,27 +156,56 @@ class Preset:
     warmup: int
     timeout: float
     doc: str = ""
+    tasks: Tuple[TaskGroup, ...] = ()
+    task_timeout: float = 600.0
 
 
 _QUICK_MECHS = ("dense", "tiled", "sliding_window", "neighborhood:2d", "document")
-_SEQUENCE = ("dense", "tiled", "sliding_window", "sink_window", "shifted_sparse", "head_sharded", "strided",
-             "prefix_lm", "document", "segment_stream", "alibi", "relative_bias", "softcap")
 _SPATIAL = ("neighborhood:1d", "neighborhood:2d", "neighborhood:3d", "gna:2d", "window:2d", "shifted_window:2d",
             "halo:2d", "grid:2d", "tile3d:3d")
+#: LongCA-bench masks in the quick preset: packed documents (the realistic long-tailed draw) and
+#: the two multi-range masks, share-question and causal-blockwise.
+_QUICK_LONGCA = ("longca:causal_document", "longca:share_question")
+
+
+def _quick() -> Tuple[str, ...]:
+    return _QUICK_MECHS + _entries(family="linear", first=True)
+
+
+def _quick_local() -> Tuple[str, ...]:
+    """The quick mechanisms that are not exact attention (the PyTorch ``tiled`` engine computes every
+    pair: seconds per call at 4K on 2 cores, so it runs at two lengths only)."""
+    return tuple(m for m in _quick() if m != "tiled")
+
+
+def task_mechanisms() -> Tuple[str, ...]:
+    """Token mixers of a ``--task`` run without ``--mechanisms``: dense and sliding-window softmax
+    attention, and every linear-family entry (the Zoology comparison)."""
+    return ("dense", "sliding_window") + _entries(family="linear")
+
+
+def _every() -> Tuple[str, ...]:
+    return _entries(layout="sequence") + _SPATIAL
+
 
 PRESETS: Dict[str, Preset] = {
     "quick": Preset(
-        groups=(Group(_QUICK_MECHS, (1024, 4096), ("fwd",)), Group(_QUICK_MECHS, (1024,), ("fwdbwd",))),
+        groups=(Group(_quick_local, (1024, 2048, 4096), ("fwd",)), Group(_quick, (1024,), ("fwd", "fwdbwd")),
+                Group(_QUICK_LONGCA, (4096,), ("fwd",))),
         repeats=5, warmup=1, timeout=60.0,
-        doc="5 representative mechanisms; fwd at 1K and 4K, fwd+bwd at 1K (~3 min on 2 cores)"),
+        doc="dense, sliding_window, neighborhood 2d, document and the first linear entry fwd at 1K, 2K and 4K "
+            "(slopes and efficiency lengths), these and tiled fwd and fwd+bwd at 1K; two LongCA-bench masks fwd at "
+            "4K (< 3 min on 2 cores)"),
     "standard": Preset(
-        groups=(Group(_SEQUENCE + _SPATIAL, (1024, 2048, 4096, 8192), ("fwd",)),
-                Group(_SEQUENCE + _SPATIAL, (1024, 2048), ("fwdbwd",))),
+        groups=(Group(_every, (1024, 2048, 4096, 8192), ("fwd",)), Group(_every, (1024, 2048), ("fwdbwd",)),
+                Group(("longca",), (1024, 2048, 4096), ("fwd",))),
         repeats=5, warmup=1, timeout=300.0,
-        doc="every mechanism; fwd at 1K-8K, fwd+bwd at 1K-2K"),
+        doc="every mechanism; fwd at 1K-8K, fwd+bwd at 1K-2K; LongCA-bench's mask set fwd at 1K-4K"),
     "full": Preset(
-        groups=(Group(_SEQUENCE + _SPATIAL, (1024, 2048, 4096, 8192, 16384), ("fwd", "fwdbwd"),
-                      ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")),),
-        repeats=10, warmup=2, timeout=600.0,
-        doc="every mechanism x the four CAB patterns x 1K-16K x fwd and fwd+bwd"),
+        groups=(Group(_every, (1024, 2048, 4096, 8192, 16384), ("fwd", "fwdbwd"),
+                      ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")),
+                Group(("longca",), (1024, 2048, 4096, 8192, 16384), ("fwd", "fwdbwd"))),
+        repeats=10, warmup=2, timeout=600.0, tasks=(TaskGroup("all", task_mechanisms, "full"),), task_timeout=3600.0,
+        doc="every mechanism x the four CAB patterns x 1K-16K x fwd and fwd+bwd; LongCA-bench's mask set at 1K-16K; "
+            "every quality task at its full configurations"),
 }

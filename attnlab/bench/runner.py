@@ -10,8 +10,16 @@ One case, in this order (all in the running process, inputs seeded per case):
 3. ``warmup`` calls left out of the statistics, then ``repeats`` calls timed with ``time.perf_counter``:
    median, quartiles, min and max (the raw samples are stored), tokens/s = ``B * Lq / median``;
 4. one more call for memory (:mod:`attnlab.bench.memory`);
-5. the exact count of unmasked pairs and effective FLOPs (:mod:`attnlab.bench.flops`),
-   GFLOP/s = effective FLOPs / median.
+5. the exact count of unmasked pairs and effective FLOPs (:mod:`attnlab.bench.flops`; linear-family
+   entries count their own), GFLOP/s = effective FLOPs / median, and ``gemm_peak_fraction`` =
+   that over the run's ``torch.mm`` GFLOP/s at the case's dtype (:mod:`attnlab.bench.gemm`);
+6. for neighbourhood and blocked patterns (every spatial entry, and ``sliding_window``) on self
+   attention: GNA's tile simulator (:func:`attnlab.patterns.neighborhood.simulate_tiles`) on the
+   case's own mask, token order and tiles (the executor's 64-token tiles): tiles visited, total and
+   partly masked, and its two upper bounds on the speedup over dense attention
+   (``gna_tile_speedup_bound`` = tiles / visited tiles, ``gna_flop_speedup_bound`` = pairs / visible
+   pairs), beside the measured ``speedup_vs_sdpa`` (= 1 / ``sdpa_time_ratio``);
+7. ``state_size_floats`` for entries that declare ``m.state_size`` (recurrent state per layer).
 
 A forward call runs under ``torch.no_grad()``; a forward+backward call runs the forward on
 inputs that require grad and ``out.backward(dout)``. Every case ends with a status:
@@ -31,6 +39,14 @@ effective FLOPs over the baseline's, divided by ``sdpa_time_ratio``.
 External twins (:mod:`attnlab.bench.external`, ``--compare natten``: impl ``natten(flex-fna)``
 ...) run right after the attnlab case they follow, on that case's inputs, and get
 ``attnlab_natten_time_ratio`` = the attnlab case's median time over theirs and ``attnlab_case_id``.
+
+**Resuming.** :func:`run_cases` takes the results already stored for the run (``done``, read back
+with :meth:`Result.from_stored`) and measures only the other cases; baselines, ratios and derived
+results use stored and new results alike, so a resumed run ends with the rows of an
+uninterrupted one.
+
+**Derived** (:func:`derived`, from every result of the run): log-log slopes of time and memory
+against L (:func:`slopes`) and CAB's efficiency lengths (:func:`efficiency_lengths`).
 """
 from __future__ import annotations
 
@@ -47,10 +63,11 @@ import torch
 
 from .. import catalogue
 from ..reference import causal_mask
-from . import flops, memory
-from . import external
-from .cases import AUTO, Case, make_inputs, ordered_with_baselines
-from .store import Store, canonical, now
+from ..patterns import executor as ex
+from ..patterns.neighborhood import simulate_tiles
+from . import external, flops, memory
+from .cases import AUTO, Case, make_inputs, mechanism_of, ordered_with_baselines
+from .store import CASE_FIELDS, Store, canonical, now
 
 
 @dataclass
@@ -59,6 +76,7 @@ class Settings:
     warmup: int = 1
     timeout: float = 60.0
     seed: int = 0
+    gemm_gflops: Dict[str, float] = field(default_factory=dict)  # dtype name -> this run's torch.mm GFLOP/s
 
 
 @dataclass
@@ -74,9 +92,23 @@ class Result:
     case_id: Optional[int] = None
     baseline_case_id: Optional[int] = None
     compared_with: Optional["Result"] = field(default=None, repr=False)  # external twin: its attnlab result
+    stored: bool = False  # read back from the store (a resumed run), not measured by this process
 
     def value(self, name: str) -> Optional[float]:
         return self.metrics.get(name, (None, ""))[0]
+
+    @classmethod
+    def from_stored(cls, row: Dict[str, Any]) -> "Result":
+        """A result as :meth:`attnlab.bench.store.Store.cases` returns it."""
+        cfg = {f: row[f] for f in CASE_FIELDS}
+        cfg["grid"] = None if cfg["grid"] is None else tuple(cfg["grid"])
+        samples = row.get("samples", {})
+        return cls(Case(**cfg), status=row["status"], message=row["message"], impl_used=row["impl_used"],
+                   metrics={n: (m["value"], m["unit"]) for n, m in row.get("measurements", {}).items()},
+                   samples=list(samples.get("time_s", {}).get("values", [])),
+                   paired_samples=list(samples.get("sdpa_paired_time_s", {}).get("values", [])),
+                   started=row.get("started"), case_id=row["id"], baseline_case_id=row.get("baseline_case_id"),
+                   stored=True)
 
 
 class CaseTimeout(Exception):
@@ -163,7 +195,7 @@ def measure_case(case: Case, settings: Settings, subject: Optional[Case] = None)
 
     ``subject``: for an external twin (:mod:`.external`), the attnlab case whose inputs it reuses."""
     res = Result(case, started=now())
-    memory.release_free_memory()
+    memory.release_free_memory(freeze=True)
     try:
         with deadline(settings.timeout) as dl:
             _measure(case, settings, res, dl, subject)
@@ -182,7 +214,7 @@ def measure_case(case: Case, settings: Settings, subject: Optional[Case] = None)
     finally:
         memory.release_free_memory()
     if res.samples:
-        _time_metrics(res)
+        _time_metrics(res, settings.gemm_gflops.get(case.dtype))
     return res
 
 
@@ -191,7 +223,7 @@ def _measure(case: Case, settings: Settings, res: Result, dl: _Deadline, subject
         return _measure_calls(case, settings, res, dl, *_baseline_calls(case, settings, res))
     if external.is_external(case):
         return _measure_calls(case, settings, res, dl, *_external_calls(case, settings, res, subject))
-    mech = catalogue.mechanism(case.mechanism)
+    mech = mechanism_of(case.mechanism)
     if case.pattern not in mech.patterns:
         raise _Unsupported(f"{mech.name} does not define the {case.pattern} pattern; it defines "
                            f"{', '.join(mech.patterns)}")
@@ -200,6 +232,8 @@ def _measure(case: Case, settings: Settings, res: Result, dl: _Deadline, subject
     impl = None if case.impl == AUTO else case.impl
     if impl is not None and impl not in mech.impl_names:
         raise _Unsupported(f"{mech.name} has no impl {impl!r}; it has {', '.join(mech.impl_names)}")
+    if case.direction == "step":
+        return _measure_step(case, settings, res, dl, mech)
     q, k, v, dout, params = make_inputs(case, settings.seed)
     call = mech.prepare(q, k, v, causal=case.causal, **params)
     try:
@@ -215,8 +249,50 @@ def _measure(case: Case, settings: Settings, res: Result, dl: _Deadline, subject
     _measure_calls(case, settings, res, dl, call, forward, q, k, v, dout, paired)
 
 
+def _measure_step(case: Case, settings: Settings, res: Result, dl: _Deadline, mech):
+    """One ``m.step``: token ``L`` on the state of the ``L - 1`` before it (a chunked scan, not timed)."""
+    if mech.recurrence is None or "causal_self" not in mech.patterns:
+        raise _Unsupported(f"{mech.name} has no causal recurrent form; direction 'step' times m.step")
+    if case.pattern != "causal_self" or case.impl not in (AUTO, "recurrent"):
+        raise _Unsupported("direction 'step' decodes causal self attention with the recurrent form "
+                           "(--patterns causal_self, impl auto or recurrent)")
+    q, k, v, _, params = make_inputs(case, settings.seed)
+    L = case.kv_len - 1
+    per_token = {p.name for p in mech.params if p.per_token}
+    prefix = {n: (x[:, :, :L] if n in per_token and isinstance(x, torch.Tensor) else x) for n, x in params.items()}
+    token = {n: (x[:, :, L] if n in per_token and isinstance(x, torch.Tensor) else x) for n, x in params.items()}
+    dl.stage = "the prefill (not timed)"
+    with torch.no_grad():
+        _, state = mech.scan(q[:, :, :L], k[:, :, :L], v[:, :, :L], impl="chunked", **prefix)
+    one = slice(L, L + 1)
+    call = mech.prepare(q[:, :, one], k[:, :, one], v[:, :, one], causal=True,
+                        **{n: (x[:, :, one] if n in per_token and isinstance(x, torch.Tensor) else x)
+                           for n, x in params.items()})
+    res.impl_used = "recurrent"
+    res.metrics["state_floats"] = (float(state.floats), "floats")
+
+    q_t, k_t, v_t = (x[:, :, L].contiguous() for x in (q, k, v))  # a decoder's fresh projections of one token
+
+    def forward():
+        return mech.step(state, q_t, k_t, v_t, **token)
+
+    paired = _step("fwd", _baseline_calls(case.baseline(), settings, Result(case.baseline()))[1], q, k, v, None)[0]
+    _measure_calls(case, settings, res, dl, call, forward, q, k, v, None, paired)
+
+
 def _baseline_calls(case: Case, settings: Settings, res: Result):
-    """torch's SDPA called directly (bottom-right causal mask for causal cross attention)."""
+    """torch's SDPA called directly (bottom-right causal mask for causal cross attention); for
+    ``step``: the last query against the ``L`` cached keys (KV-cache decoding)."""
+    if case.direction == "step":
+        q, k, v, _, _ = make_inputs(case, settings.seed)
+        q = q[:, :, -1:]
+        call = catalogue.mechanism("dense").prepare(q, k, v)
+        res.impl_used = "torch"
+
+        def decode():
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=case.heads != case.kv_heads)
+
+        return call, decode, q, k, v, None
     q, k, v, dout, _ = make_inputs(case, settings.seed)
     call = catalogue.mechanism("dense").prepare(q, k, v, causal=case.causal)
     kw = dict(enable_gqa=case.heads != case.kv_heads)
@@ -242,7 +318,7 @@ def _external_calls(case: Case, settings: Settings, res: Result, subject: Option
 
 def _step(direction: str, forward, q, k, v, dout):
     """``(step, backward)``: one timed unit of work (forward, or forward and backward)."""
-    if direction == "fwd":
+    if direction in ("fwd", "step"):
         def step():
             with torch.no_grad():
                 forward()
@@ -255,6 +331,11 @@ def _step(direction: str, forward, q, k, v, dout):
         q.grad = k.grad = v.grad = None
         backward(forward())
     return step, backward
+
+
+#: A ``step`` sample is the mean of this many back-to-back decoding steps on the same state (decoding
+#: runs them back to back; a single step after the paired baseline would time a cache the baseline evicted).
+STEP_BURST = 32
 
 
 def _measure_calls(case: Case, settings: Settings, res: Result, dl: _Deadline, call, forward, q, k, v, dout,
@@ -281,9 +362,11 @@ def _measure_calls(case: Case, settings: Settings, res: Result, dl: _Deadline, c
             t0 = time.perf_counter()
             paired()
             res.paired_samples.append(time.perf_counter() - t0)
+        burst = STEP_BURST if case.direction == "step" else 1
         t0 = time.perf_counter()
-        step()
-        res.samples.append(time.perf_counter() - t0)
+        for _ in range(burst):
+            step()
+        res.samples.append((time.perf_counter() - t0) / burst)
         if "second_call_s" not in res.metrics:
             res.metrics["second_call_s"] = (res.samples[-1], "s")
         dl.check()
@@ -299,13 +382,43 @@ def _measure_calls(case: Case, settings: Settings, res: Result, dl: _Deadline, c
             res.metrics[name] = (float(value), "bytes")
 
     dl.stage = "counting unmasked pairs"
-    pairs = flops.unmasked_pairs(call)
-    res.metrics["unmasked_pairs"] = (float(pairs), "pairs")
-    res.metrics["density"] = (pairs / (call.batch * call.q_heads * call.q_len * call.kv_len), "fraction")
-    res.metrics["effective_flops"] = (flops.effective_flops(call, case.direction, pairs), "FLOP")
+    fl, pairs = flops.count(call, case.direction)
+    if pairs is not None:
+        res.metrics["unmasked_pairs"] = (float(pairs), "pairs")
+        res.metrics["density"] = (pairs / (call.batch * call.q_heads * call.q_len * call.kv_len), "fraction")
+    res.metrics["effective_flops"] = (fl, "FLOP")
+    state_size = getattr(call.mechanism, "state_size", None)
+    if callable(state_size):
+        res.metrics["state_size_floats"] = (float(state_size(call.q_heads, call.head_dim, call.value_dim,
+                                                              **call.params)), "floats")
+    if not case.is_baseline() and not external.is_external(case):
+        dl.stage = "simulating tiles"
+        rep = tile_bounds(call)
+        if rep is not None:
+            res.metrics.update({
+                "tiles_visited": (float(rep.tiles_visited), "tiles"), "tiles_total": (float(rep.tiles_total), "tiles"),
+                "tiles_partial": (float(rep.tiles_partial), "tiles"),
+                "gna_tile_speedup_bound": (rep.tile_speedup, "x"), "gna_flop_speedup_bound": (rep.flop_speedup, "x")})
 
 
-def _time_metrics(res: Result):
+#: Sequence entries that are neighbourhood / blocked patterns (besides every spatial entry).
+TILE_BOUND_MECHANISMS = ("sliding_window",)
+
+
+def tile_bounds(call):
+    """GNA's tile simulator on a self-attention call's full mask with the executor's token order and
+    tiles, or None (no mask, cross attention, or not a neighbourhood / blocked pattern)."""
+    m = call.mechanism
+    if call.q_len != call.kv_len or not (m.layout == "spatial" or m.name in TILE_BOUND_MECHANISMS):
+        return None
+    mask, _ = ex.plan(call)
+    if mask is None:
+        return None
+    tile = ex.default_tile(call.spatial) or ex.BLOCK
+    return simulate_tiles(mask, call.spatial or (call.kv_len,), tile, tile)
+
+
+def _time_metrics(res: Result, gemm_gflops: Optional[float] = None):
     s = np.asarray(res.samples)
     q1, med, q3 = np.percentile(s, [25, 50, 75])
     res.metrics.update({
@@ -314,11 +427,14 @@ def _time_metrics(res: Result):
         "time_q3_s": (float(q3), "s"),
         "time_min_s": (float(s.min()), "s"),
         "time_max_s": (float(s.max()), "s"),
-        "tokens_per_s": (res.case.batch * res.case.q_len / float(med), "tokens/s"),
+        "tokens_per_s": (res.case.batch * (1 if res.case.direction == "step" else res.case.q_len) / float(med),
+                         "tokens/s"),
     })
     fl = res.value("effective_flops")
     if fl is not None:
         res.metrics["effective_gflops_per_s"] = (fl / float(med) / 1e9, "GFLOP/s")
+        if gemm_gflops:
+            res.metrics["gemm_peak_fraction"] = (fl / float(med) / 1e9 / gemm_gflops, "fraction")
     n = min(len(res.samples), len(res.paired_samples))
     if n:
         res.metrics["sdpa_paired_median_s"] = (float(np.median(res.paired_samples[:n])), "s")
@@ -337,6 +453,8 @@ def add_ratios(res: Result, base: Optional[Result]):
     if ratio is None or not ratio:
         return
     res.metrics["sdpa_time_ratio"] = (ratio, "x")
+    if res.value("gna_tile_speedup_bound") is not None:
+        res.metrics["speedup_vs_sdpa"] = (1.0 / ratio, "x")
     fl, bfl = res.value("effective_flops"), base.value("effective_flops")
     if fl is not None and bfl:
         res.metrics["sdpa_gflops_ratio"] = (fl / bfl / ratio, "x")
@@ -357,8 +475,19 @@ def add_external_ratio(res: Result, subject: Result):
 # --------------------------------------------------------------------------------------------
 def run_cases(cases: Sequence[Case], settings: Settings, store: Optional[Store] = None,
               run_id: Optional[int] = None, on_start: Callable[[int, int, Case], None] = lambda i, n, c: None,
-              on_done: Callable[[int, int, Result], None] = lambda i, n, r: None) -> List[Result]:
-    """Measure ``cases`` and their SDPA baselines, storing each result as it finishes."""
+              on_done: Callable[[int, int, Result], None] = lambda i, n, r: None,
+              done: Optional[Dict[str, Result]] = None) -> List[Result]:
+    """Measure ``cases`` and their SDPA baselines, storing each result as it finishes.
+
+    ``done``: results already stored for this run, by case key (a resumed run); they are not
+    measured again but serve as baselines and subjects, and are returned in plan order."""
+    try:
+        return _run_cases(cases, settings, store, run_id, on_start, on_done, done or {})
+    finally:
+        memory.thaw()  # cases froze long-lived objects (see memory.release_free_memory): collectable again
+
+
+def _run_cases(cases, settings, store, run_id, on_start, on_done, done) -> List[Result]:
     ordered = ordered_with_baselines(cases)
     baselines: Dict[str, Result] = {}
     subjects: Dict[str, Result] = {}  # external twin key -> the attnlab result it compares with
@@ -366,20 +495,25 @@ def run_cases(cases: Sequence[Case], settings: Settings, store: Optional[Store] 
     for i, case in enumerate(ordered):
         on_start(i, len(ordered), case)
         subject = subjects.get(case.key())
-        res = measure_case(case, settings, subject.case if subject else None)
+        res = done.get(case.key())
+        if res is None:
+            res = measure_case(case, settings, subject.case if subject else None)
+            if subject is not None:
+                add_external_ratio(res, subject)
+            if case.is_baseline():
+                if res.status == "ok":  # its own baseline: ratios 1 by definition (baseline_case_id stays NULL)
+                    res.metrics["sdpa_gflops_ratio"] = (1.0, "x")
+                    res.metrics["sdpa_time_ratio"] = (1.0, "x")
+            else:
+                add_ratios(res, baselines.get(case.baseline().key()))
+            if store is not None:
+                _save(store, run_id, res)
+        elif subject is not None:
+            res.compared_with = subject
         for twin in external.twins(case):
             subjects.setdefault(twin.key(), res)
-        if subject is not None:
-            add_external_ratio(res, subject)
         if case.is_baseline():
             baselines[case.key()] = res
-            if res.status == "ok":  # its own baseline: ratios 1 by definition (baseline_case_id stays NULL)
-                res.metrics["sdpa_gflops_ratio"] = (1.0, "x")
-                res.metrics["sdpa_time_ratio"] = (1.0, "x")
-        else:
-            add_ratios(res, baselines.get(case.baseline().key()))
-        if store is not None:
-            _save(store, run_id, res)
         results.append(res)
         on_done(i, len(ordered), res)
     return results
@@ -388,33 +522,51 @@ def run_cases(cases: Sequence[Case], settings: Settings, store: Optional[Store] 
 def _save(store: Store, run_id: int, res: Result):
     ms = [(n, v, u) for n, (v, u) in res.metrics.items()]
     samples = [("time_s", "s", res.samples)] if res.samples else []
+    if res.paired_samples:
+        samples.append(("sdpa_paired_time_s", "s", res.paired_samples))
     res.case_id = store.add_case(run_id, res.case.config(), status=res.status, message=res.message,
                                  impl_used=res.impl_used, measurements=ms, samples=samples,
                                  baseline_case_id=res.baseline_case_id, started=res.started)
 
 
 # --------------------------------------------------------------------------------------------
-# Derived: log-log slopes against L
+# Derived: log-log slopes against L, CAB efficiency lengths
 # --------------------------------------------------------------------------------------------
 SLOPE_METRICS = (("time_median_s", "slope_time_vs_L"), ("peak_rss_delta_bytes", "slope_peak_rss_vs_L"),
                  ("saved_tensor_bytes", "slope_saved_bytes_vs_L"))
+EFFICIENCY_METRICS = (("time_median_s", "efficiency_length_time"),
+                      ("peak_rss_delta_bytes", "efficiency_length_memory"),
+                      ("saved_tensor_bytes", "efficiency_length_saved_bytes"))
+#: A mechanism gets efficiency lengths when it computes at most this share of the dense pairs at
+#: its largest length (or counts its own FLOPs, the linear family): exact attention is not "efficient".
+EFFICIENT_DENSITY = 0.5
+
+
+def derived(results: Sequence[Result]) -> List[Dict[str, Any]]:
+    """Every run-level result: :func:`slopes` and :func:`efficiency_lengths`."""
+    return slopes(results) + efficiency_lengths(results)
+
+
+def _group(c: Case) -> Dict[str, Any]:
+    return {"mechanism": c.mechanism, "impl": c.impl, "pattern": c.pattern, "direction": c.direction,
+            "dtype": c.dtype, "batch": c.batch, "heads": c.heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
+            "grid_rank": None if c.grid is None else len(c.grid)}
+
+
+def _series(results: Sequence[Result]) -> Dict[str, List[Result]]:
+    """ok results by configuration except length (canonical group key), sorted by length."""
+    groups: Dict[str, List[Result]] = {}
+    for r in results:
+        if r.status == "ok":
+            groups.setdefault(canonical(_group(r.case)), []).append(r)
+    return {k: sorted(v, key=lambda r: r.case.kv_len) for k, v in groups.items()}
 
 
 def slopes(results: Sequence[Result]) -> List[Dict[str, Any]]:
     """Least-squares slope of log(metric) against log(L) for every configuration measured at >= 3
     lengths (ok cases only; a metric with a zero or missing value at some length is skipped)."""
-    groups: Dict[str, List[Result]] = {}
-    for r in results:
-        if r.status != "ok":
-            continue
-        c = r.case
-        g = {"mechanism": c.mechanism, "impl": c.impl, "pattern": c.pattern, "direction": c.direction,
-             "dtype": c.dtype, "batch": c.batch, "heads": c.heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
-             "grid_rank": None if c.grid is None else len(c.grid)}
-        groups.setdefault(canonical(g), []).append(r)
     out = []
-    for gkey, rs in groups.items():
-        rs = sorted(rs, key=lambda r: r.case.kv_len)
+    for gkey, rs in _series(results).items():
         lengths = [r.case.kv_len for r in rs]
         if len(set(lengths)) < 3:
             continue
@@ -428,3 +580,67 @@ def slopes(results: Sequence[Result]) -> List[Dict[str, Any]]:
     return out
 
 
+def efficiency_length(lengths: Sequence[int], dense: Sequence[float], mech: Sequence[float]) -> Dict[str, Any]:
+    """CAB's efficiency length (Zhang et al. 2022): fit a quadratic ``a L^2 + b L + c`` to dense
+    attention's cost and a line ``m L + n`` to the mechanism's (least squares, >= 3 lengths); the
+    efficiency length is the length beyond which the quadratic stays above the line, i.e. the
+    largest real root of ``(a L^2 + b L + c) - (m L + n)``.
+
+    Returns ``{"value", "reason", "dense_fit", "mechanism_fit", "within_measured"}``: ``value`` 0
+    when the mechanism is cheaper at every length, None when the dense fit is not convex
+    (``a <= 0``: no length beyond which dense attention stays costlier)."""
+    x = np.asarray(lengths, dtype=np.float64) / 1024.0  # fit in K tokens: better conditioned
+    qd = np.polyfit(x, np.asarray(dense, dtype=np.float64), 2)
+    lm = np.polyfit(x, np.asarray(mech, dtype=np.float64), 1)
+    diff = qd - np.array([0.0, lm[0], lm[1]])
+    out: Dict[str, Any] = {"dense_fit": [qd[0] / 1024.0 ** 2, qd[1] / 1024.0, qd[2]],
+                           "mechanism_fit": [lm[0] / 1024.0, lm[1]], "within_measured": False}
+    if diff[0] <= 0:
+        out.update(value=None, reason="the dense fit is not convex: no length beyond which dense attention stays "
+                                      "costlier")
+        return out
+    roots = [r.real for r in np.roots(diff) if abs(r.imag) <= 1e-9 * max(1.0, abs(r.real)) and r.real > 0]
+    if not roots:
+        out.update(value=0.0, reason="cheaper than dense attention at every length (no crossing)")
+        return out
+    value = float(max(roots) * 1024.0)
+    out.update(value=value, reason="crossing of the fits",
+               within_measured=bool(min(lengths) <= value <= max(lengths)))
+    return out
+
+
+def efficiency_lengths(results: Sequence[Result]) -> List[Dict[str, Any]]:
+    """:func:`efficiency_length` of every efficient configuration (see :data:`EFFICIENT_DENSITY`)
+    against the SDPA baseline of the same run, at the >= 3 lengths where both are ok, for time and
+    memory (:data:`EFFICIENCY_METRICS`; a metric missing at some length is skipped)."""
+    series = _series(results)
+    base: Dict[str, Dict[int, Result]] = {}
+    for gkey, rs in series.items():
+        if rs[0].case.is_baseline():
+            g = json.loads(gkey)
+            base[canonical({k: v for k, v in g.items() if k not in ("mechanism", "impl", "grid_rank")})] = {
+                r.case.kv_len: r for r in rs}
+    out = []
+    for gkey, rs in series.items():
+        c = rs[-1].case
+        if c.is_baseline() or external.is_external(c):
+            continue
+        density = rs[-1].value("density")  # None: the mechanism counts its own FLOPs (linear family)
+        if density is not None and density > EFFICIENT_DENSITY:
+            continue
+        g = json.loads(gkey)
+        b = base.get(canonical({k: v for k, v in g.items() if k not in ("mechanism", "impl", "grid_rank")}), {})
+        pairs = [(r, b[r.case.kv_len]) for r in rs if r.case.kv_len in b]
+        lengths = [r.case.kv_len for r, _ in pairs]
+        if len(set(lengths)) < 3:
+            continue
+        for metric, name in EFFICIENCY_METRICS:
+            mine = [r.value(metric) for r, _ in pairs]
+            dense = [br.value(metric) for _, br in pairs]
+            if any(v is None for v in mine + dense):
+                continue
+            fit = efficiency_length(lengths, dense, mine)
+            value = fit.pop("value")
+            out.append({"name": name, "group": g, "value": value, "unit": "tokens",
+                        "detail": dict(fit, metric=metric, lengths=lengths, dense=dense, values=mine)})
+    return out

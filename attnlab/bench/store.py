@@ -2,30 +2,46 @@
 
 Tables (schema version :data:`SCHEMA_VERSION`, kept in ``schema_version``)::
 
-    runs          one row per ``attnlab bench`` invocation: start/finish times, git commit and dirty
-                  flag, attnlab/torch/python versions, CPU model, torch threads, seed, preset, argv,
-                  the resolved options, torch's build configuration, load average
-    cases         one row per finished case: its full configuration (the *case key*), the impl
-                  actually used, status (ok / unsupported / oom / timeout / error) and message
-    measurements  (case, metric name) -> value with its unit
-    samples       (case, series name) -> raw samples as a JSON list (e.g. every timed repeat)
-    derived       run-level results computed from several cases (e.g. log-log slopes)
+    runs              one row per run of ``attnlab bench``: start/finish times, git commit and dirty
+                      flag, attnlab/torch/python versions, CPU model, torch threads, seed, preset, argv,
+                      the resolved options, torch's build configuration, load average; the *plan key*
+                      (what the run measures) and its *owner* (the process writing it), for resuming
+    cases             one row per finished efficiency case: its full configuration (the *case key*),
+                      the impl actually used, status (ok / unsupported / oom / timeout / error), message
+    measurements      (case, metric name) -> value with its unit
+    samples           (case, series name) -> raw samples as a JSON list (every timed repeat, and the
+                      paired SDPA baseline call before each)
+    derived           run-level results computed from several cases (log-log slopes, efficiency lengths)
+    calibration       run-level machine measurements (the GEMM throughput per dtype and threads)
+    task_cases        one row per finished quality-task case (task, mechanism, configuration, seed,
+                      status, the task's whole result as JSON)
+    task_measurements (task case, metric name) -> value with its unit
 
 Durability: WAL journal, and every case is written with its measurements and samples in one
 ``BEGIN IMMEDIATE`` transaction when it finishes, so a killed run keeps every finished case
 and never leaves half a case. ``UNIQUE(run_id, case_key)`` is what lets a later run resume
 (skip the keys already stored) without duplicates; concurrent writers wait on the busy
 timeout instead of failing or corrupting the file.
+
+Resuming (:meth:`Store.claim_run`): a run records its plan key and its owner (host, boot id,
+process id and that process's start time). A later run with the same plan key takes over the
+newest unfinished run of that key whose owner is no longer alive on this machine, in the same
+transaction that checks it, so two processes never write one run; a run whose owner still
+lives (a concurrent run of the same command) is left alone and the newcomer starts its own.
+
+Migrations: :data:`MIGRATIONS` ``[v]`` takes a store from version ``v`` to ``v + 1``; a new
+store is created at version 1 and migrated forward like any old one, so there is one path.
 """
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE runs (
@@ -101,8 +117,49 @@ CREATE TABLE derived (
 CREATE INDEX cases_by_run ON cases(run_id);
 """
 
+_V1_TO_V2 = """
+ALTER TABLE runs ADD COLUMN plan_key TEXT;      -- hash of what the run measures (resume finds it by this)
+ALTER TABLE runs ADD COLUMN owner TEXT;         -- JSON {host, boot_id, pid, pid_start} of the writing process
+ALTER TABLE runs ADD COLUMN resumed INTEGER NOT NULL DEFAULT 0;  -- times a restarted command took it over
+CREATE INDEX runs_by_plan ON runs(plan_key);
+CREATE TABLE calibration (
+    run_id  INTEGER NOT NULL REFERENCES runs(id),
+    name    TEXT NOT NULL,                  -- 'gemm'
+    dtype   TEXT NOT NULL,
+    threads INTEGER NOT NULL,
+    value   REAL,
+    unit    TEXT NOT NULL,
+    samples TEXT,                           -- JSON list of raw samples
+    detail  TEXT,                           -- JSON: sizes etc.
+    PRIMARY KEY (run_id, name, dtype, threads)
+);
+CREATE TABLE task_cases (
+    id        INTEGER PRIMARY KEY,
+    run_id    INTEGER NOT NULL REFERENCES runs(id),
+    case_key  TEXT NOT NULL,                -- canonical JSON of task, mechanism, config, seed
+    task      TEXT NOT NULL,
+    mechanism TEXT NOT NULL,
+    config    TEXT NOT NULL,                -- JSON object
+    seed      INTEGER NOT NULL,
+    status    TEXT NOT NULL CHECK (status IN ('ok', 'unsupported', 'oom', 'timeout', 'error')),
+    message   TEXT,
+    result    TEXT,                         -- JSON: the task's whole result
+    started   TEXT,
+    finished  TEXT,
+    UNIQUE (run_id, case_key)
+);
+CREATE TABLE task_measurements (
+    case_id INTEGER NOT NULL REFERENCES task_cases(id),
+    name    TEXT NOT NULL,
+    value   REAL,
+    unit    TEXT NOT NULL,
+    PRIMARY KEY (case_id, name)
+);
+CREATE INDEX task_cases_by_run ON task_cases(run_id);
+"""
+
 #: Migrations: MIGRATIONS[v] takes a store from schema version v to v + 1 (append, never edit).
-MIGRATIONS: Dict[int, str] = {}
+MIGRATIONS: Dict[int, str] = {1: _V1_TO_V2}
 
 CASE_FIELDS = ("mechanism", "impl", "pattern", "direction", "dtype", "batch", "heads", "kv_heads", "q_len",
                "kv_len", "head_dim", "grid", "params")
@@ -143,8 +200,7 @@ class Store:
                 for stmt in _statements(_SCHEMA_V1):
                     self.db.execute(stmt)
                 self.db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-                self.db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-                return
+                self.db.execute("INSERT INTO schema_version VALUES (1)")
             version = self.db.execute("SELECT version FROM schema_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path} has results schema version {version}, newer than this attnlab's "
@@ -184,6 +240,30 @@ class Store:
                                   vals)
             return cur.lastrowid
 
+    def claim_run(self, meta: Dict[str, Any], owner: Dict[str, Any], alive: Callable[[Dict[str, Any]], bool],
+                  resume: bool = True) -> Tuple[int, bool]:
+        """``(run_id, resumed)``: take over the newest unfinished run with ``meta["plan_key"]`` whose
+        owner is not ``alive`` (a killed run of the same command), or start a new run from ``meta``.
+
+        The check and the take-over happen in one write transaction, so of two processes
+        restarting the same command at once only one resumes the run."""
+        meta = dict(meta, owner=owner)
+        with self._write():
+            if resume and meta.get("plan_key"):
+                for row in self.db.execute("SELECT id, owner FROM runs WHERE plan_key = ? AND finished IS NULL "
+                                           "ORDER BY id DESC", (meta["plan_key"],)).fetchall():
+                    prev = json.loads(row["owner"]) if row["owner"] else None
+                    if prev is not None and alive(prev):
+                        continue
+                    self.db.execute("UPDATE runs SET owner = ?, resumed = resumed + 1 WHERE id = ?",
+                                    (json.dumps(owner), row["id"]))
+                    return row["id"], True
+            cols = [c for c in meta if c != "id"]
+            vals = [json.dumps(meta[c]) if isinstance(meta[c], (dict, list, tuple)) else meta[c] for c in cols]
+            cur = self.db.execute(f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                                  vals)
+            return cur.lastrowid, False
+
     def finish_run(self, run_id: int, loadavg: Optional[str] = None):
         with self._write():
             self.db.execute("UPDATE runs SET finished = ?, loadavg_end = ? WHERE id = ?", (now(), loadavg, run_id))
@@ -221,18 +301,96 @@ class Store:
     def add_derived(self, run_id: int, name: str, group: Dict[str, Any], value: Optional[float], unit: str,
                     detail: Optional[Dict[str, Any]] = None):
         with self._write():
-            self.db.execute("INSERT OR REPLACE INTO derived (run_id, name, group_key, value, unit, detail) "
-                            "VALUES (?, ?, ?, ?, ?, ?)",
-                            (run_id, name, canonical(group), value, unit, None if detail is None else
-                             json.dumps(detail)))
+            self._insert_derived(run_id, name, group, value, unit, detail)
+
+    def set_derived(self, run_id: int, rows: Sequence[Dict[str, Any]]):
+        """Replace every derived row of a run by ``rows`` (dicts with name, group, value, unit, detail),
+        in one transaction: derived rows are a function of the run's stored cases."""
+        with self._write():
+            self.db.execute("DELETE FROM derived WHERE run_id = ?", (run_id,))
+            for d in rows:
+                self._insert_derived(run_id, d["name"], d["group"], d["value"], d["unit"], d.get("detail"))
+
+    def _insert_derived(self, run_id, name, group, value, unit, detail):
+        self.db.execute("INSERT OR REPLACE INTO derived (run_id, name, group_key, value, unit, detail) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (run_id, name, canonical(group), None if value is None else float(value), unit,
+                         None if detail is None else json.dumps(detail)))
+
+    def add_calibration(self, run_id: int, name: str, dtype: str, threads: int, value: Optional[float], unit: str,
+                        samples: Sequence[float] = (), detail: Optional[Dict[str, Any]] = None):
+        """Store a machine measurement of the run (kept when already there: a resumed run reuses it)."""
+        with self._write():
+            self.db.execute("INSERT OR IGNORE INTO calibration (run_id, name, dtype, threads, value, unit, samples, "
+                            "detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (run_id, name, dtype, threads, value, unit, json.dumps(list(samples)),
+                             None if detail is None else json.dumps(detail)))
+
+    def add_task_case(self, run_id: int, key: str, *, task: str, mechanism: str, config: Dict[str, Any], seed: int,
+                      status: str, message: Optional[str] = None, result: Optional[Dict[str, Any]] = None,
+                      measurements: Iterable[tuple] = (), started: Optional[str] = None) -> int:
+        """Store one finished quality-task case atomically; returns its id."""
+        with self._write():
+            cur = self.db.execute(
+                "INSERT INTO task_cases (run_id, case_key, task, mechanism, config, seed, status, message, result, "
+                "started, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, key, task, mechanism, canonical(config), seed, status, message,
+                 None if result is None else json.dumps(result, default=_json_default), started, now()))
+            cid = cur.lastrowid
+            self.db.executemany("INSERT INTO task_measurements (case_id, name, value, unit) VALUES (?, ?, ?, ?)",
+                                [(cid, n, None if v is None else float(v), u) for n, v, u in measurements])
+        return cid
 
     # ---- reading -------------------------------------------------------------------------
     def runs(self) -> List[Dict[str, Any]]:
         return [_decode_run(r) for r in self.db.execute("SELECT * FROM runs ORDER BY id")]
 
+    def run(self, run_id: int) -> Dict[str, Any]:
+        row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            have = [r["id"] for r in self.db.execute("SELECT id FROM runs ORDER BY id")]
+            raise KeyError(f"no run {run_id} in {self.path} (runs: {', '.join(map(str, have)) or 'none'})")
+        return _decode_run(row)
+
+    def resolve_run(self, spec: Any) -> int:
+        """A run id from ``spec``: an id, ``latest`` (the newest run) or ``latest-1`` (the one before)."""
+        ids = [r[0] for r in self.db.execute("SELECT id FROM runs ORDER BY id")]
+        text = str(spec).strip().lower()
+        m = re.fullmatch(r"latest(?:-(\d+))?", text)
+        if m:
+            back = int(m.group(1) or 0)
+            if back >= len(ids):
+                raise KeyError(f"{self.path} has {len(ids)} run(s); there is no {spec!r}")
+            return ids[-1 - back]
+        if not text.isdigit():
+            raise ValueError(f"run must be an id, 'latest' or 'latest-N', got {spec!r}")
+        if int(text) not in ids:
+            raise KeyError(f"no run {text} in {self.path} (runs: {', '.join(map(str, ids)) or 'none'})")
+        return int(text)
+
     def case_keys(self, run_id: int) -> set:
         """Keys of the cases already stored for a run (what a resumed run skips)."""
         return {r[0] for r in self.db.execute("SELECT case_key FROM cases WHERE run_id = ?", (run_id,))}
+
+    def task_case_keys(self, run_id: int) -> set:
+        return {r[0] for r in self.db.execute("SELECT case_key FROM task_cases WHERE run_id = ?", (run_id,))}
+
+    def calibration(self, run_id: int) -> List[Dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM calibration WHERE run_id = ? ORDER BY name, dtype, threads", (run_id,))
+        return [dict(r, samples=json.loads(r["samples"] or "[]"),
+                     detail=None if r["detail"] is None else json.loads(r["detail"])) for r in rows]
+
+    def task_cases(self, run_id: int) -> List[Dict[str, Any]]:
+        """Every quality-task case of a run with its measurements, in the order they finished."""
+        out = []
+        for r in self.db.execute("SELECT * FROM task_cases WHERE run_id = ? ORDER BY id", (run_id,)).fetchall():
+            c = dict(r)
+            c["config"] = json.loads(c["config"])
+            c["result"] = None if c["result"] is None else json.loads(c["result"])
+            c["measurements"] = {m["name"]: {"value": m["value"], "unit": m["unit"]} for m in self.db.execute(
+                "SELECT name, value, unit FROM task_measurements WHERE case_id = ? ORDER BY name", (c["id"],))}
+            out.append(c)
+        return out
 
     def cases(self, run_id: int) -> List[Dict[str, Any]]:
         """Every case of a run with its measurements and samples, in the order they finished."""
@@ -254,12 +412,52 @@ class Store:
                  "detail": None if r["detail"] is None else json.loads(r["detail"])} for r in rows]
 
     def export_run(self, run_id: int) -> Dict[str, Any]:
-        """A run as one JSON-able dict: ``{"schema_version", "run", "cases", "derived"}``."""
-        run = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-        if run is None:
-            raise KeyError(f"no run {run_id} in {self.path}")
-        return {"schema_version": self.schema_version(), "run": _decode_run(run), "cases": self.cases(run_id),
-                "derived": self.derived(run_id)}
+        """A run as one JSON-able dict: ``{"schema_version", "run", "calibration", "cases", "derived",
+        "task_cases"}``."""
+        return {"schema_version": self.schema_version(), "run": self.run(run_id),
+                "calibration": self.calibration(run_id), "cases": self.cases(run_id),
+                "derived": self.derived(run_id), "task_cases": self.task_cases(run_id)}
+
+    def export_csv(self, run_id: int, out: TextIO, kind: str = "cases"):
+        """Write a run as CSV, one row per case: the configuration columns, then one column per
+        measurement name (value only; units in the header as ``name [unit]``).
+
+        ``kind``: ``cases`` (efficiency cases), ``tasks`` (quality-task cases; the configuration
+        flattened to ``config.KEY`` columns) or ``derived``."""
+        import csv
+
+        if kind == "derived":
+            rows = [{"run_id": run_id, "name": d["name"], **{f"group.{k}": v for k, v in d["group"].items()},
+                     "value": d["value"], "unit": d["unit"]} for d in self.derived(run_id)]
+            head = _union_keys(rows)
+        elif kind in ("cases", "tasks"):
+            if kind == "cases":
+                cases = self.cases(run_id)
+                fixed = ["run_id", "id", "mechanism", "impl", "impl_used", "pattern", "direction", "dtype", "batch",
+                         "heads", "kv_heads", "q_len", "kv_len", "head_dim", "grid", "params", "status", "message",
+                         "baseline_case_id"]
+                base = [{f: (canonical(c[f]) if f in ("grid", "params") and c[f] is not None else c[f])
+                         for f in fixed} for c in cases]
+            else:
+                cases = self.task_cases(run_id)
+                fixed = ["run_id", "id", "task", "mechanism", "seed", "status", "message"]
+                base = [dict({f: c[f] for f in fixed}, **{f"config.{k}": (canonical(v) if isinstance(v, (list, dict))
+                                                                          else v) for k, v in c["config"].items()})
+                        for c in cases]
+            units: Dict[str, str] = {}
+            for c in cases:
+                for n, m in c["measurements"].items():
+                    units.setdefault(n, m["unit"])
+            names = sorted(units)
+            rows = [dict(b, **{f"{n} [{units[n]}]": c["measurements"].get(n, {}).get("value") for n in names})
+                    for b, c in zip(base, cases)]
+            head = _union_keys(base) + [f"{n} [{units[n]}]" for n in names]
+        else:
+            raise ValueError(f"kind must be 'cases', 'tasks' or 'derived', got {kind!r}")
+        w = csv.DictWriter(out, fieldnames=head, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
 
 
 def case_key(config: Dict[str, Any]) -> str:
@@ -268,9 +466,25 @@ def case_key(config: Dict[str, Any]) -> str:
                       for f in CASE_FIELDS})
 
 
+def _union_keys(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    return keys
+
+
+def _json_default(x):
+    """JSON for what tasks may return besides plain numbers: numpy scalars/arrays, tensors, tuples."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if hasattr(x, "item"):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
 def _decode_run(row) -> Dict[str, Any]:
     r = dict(row)
-    for c in ("argv", "config", "env"):
+    for c in ("argv", "config", "env", "owner"):
         if r.get(c) is not None:
             r[c] = json.loads(r[c])
     return r

@@ -1,0 +1,226 @@
+"""Kernelized linear attention with an optional decay: the shared mathematics of the linear family.
+
+With feature-mapped queries and keys ``φq, φk`` (``(B, H, L, F)``), values ``V`` and a decay,
+every form computes, for query ``i`` at key position ``i' = i + Lk - Lq`` (bottom-right),
+
+    num_i = Σ_j  w(i', j) (φq_i · φk_j) v_j          den_i = Σ_j  w(i', j) (φq_i · φk_j)
+    o_i   = num_i / (den_i + eps)   (normalize=True)  or  o_i = num_i   (normalize=False)
+
+with ``w(i', j)`` by decay kind:
+
+- none:      1 where visible (causal: ``j <= i'``; non-causal: every key);
+- ``log_decay`` λ_h <= 0, one per head (RetNet, TransNormerLLM / Lightning): ``exp(λ_h (i' - j))`` for
+  ``j <= i'``; non-causal ``exp(λ_h |i' - j|)`` (bidirectional, self attention only);
+- ``log_gates`` g (``(B, H, Lk, F)``, <= 0, data dependent per channel, GLA): the weight moves
+  inside the dot product, ``Σ_f φq_if φk_jf exp(G_i'f - G_jf)`` with ``G = cumsum(g)`` (causal).
+
+The recurrent state is ``S_t = decay_t ⊙ S_{t-1} + φk_tᵀ [v_t, 1]`` (the appended 1 carries the
+normalizer), read as ``o_t = φq_t S_t``. The chunked form (Lightning Attention 2's split) computes
+the intra-chunk part as masked (decayed) attention and the inter-chunk part through the state.
+Every function here takes and returns the raw ``[num, den]`` accumulator (``value_dim + 1`` columns
+when normalizing); :func:`finish` divides. Accumulation is in float32 for half inputs; decays stay
+in log space and are only exponentiated as differences ``<= 0``, so nothing overflows.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+#: Tokens computed at once by the chunked form (whole chunks); the state carries across spans.
+SPAN = 2048
+#: Gated intra-chunk work is (C, C, F) per chunk; chunks are processed in groups of about this many floats.
+_GATED_GROUP_FLOATS = 1 << 22
+
+
+def with_ones(v: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """``[v, 1]``: the normalizer rides along as one more value column."""
+    return torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1) if normalize else v
+
+
+def finish(raw: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
+    """``num / (den + eps)`` when normalizing (``den`` is the last column), else ``raw``."""
+    if not normalize:
+        return raw
+    return raw[..., :-1] / (raw[..., -1:] + eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Parallel (quadratic) form: the readable definition
+# --------------------------------------------------------------------------------------------
+def weights(Lq: int, Lk: int, causal: bool, log_decay: Optional[torch.Tensor], device, dtype) -> torch.Tensor:
+    """``w(i', j)`` for no decay or a per-head decay: ``(Lq, Lk)`` or ``(H, Lq, Lk)``."""
+    i = torch.arange(Lq, device=device)[:, None] + (Lk - Lq)
+    j = torch.arange(Lk, device=device)[None, :]
+    dist = (i - j).to(dtype)
+    visible = (j <= i) if causal else torch.ones_like(dist, dtype=torch.bool)
+    if log_decay is None:
+        return visible.to(dtype)
+    lam = log_decay.to(dtype)[:, None, None]
+    expo = lam * (dist if causal else dist.abs())
+    return torch.where(visible, expo, torch.full_like(expo, float("-inf"))).exp()
+
+
+def parallel(fq, fk, v, *, causal: bool, log_decay=None, log_gates=None) -> torch.Tensor:
+    """The quadratic form of the module docstring; returns the raw accumulator."""
+    Lq, Lk = fq.shape[2], fk.shape[2]
+    if log_gates is None:
+        w = weights(Lq, Lk, causal, log_decay, fq.device, fq.dtype)
+        return ((fq @ fk.transpose(-1, -2)) * w) @ v
+    if not causal:
+        raise ValueError("per-channel gates define the causal form only")
+    G = log_gates.to(fq.dtype).expand(fk.shape[0], fk.shape[1], Lk, -1).cumsum(2)
+    i = torch.arange(Lq, device=fq.device) + (Lk - Lq)
+    Gq = G[:, :, i.clamp(min=0)]  # rows with i' < 0 see no key (masked below)
+    visible = torch.arange(Lk, device=fq.device)[None, :] <= i[:, None]
+    expo = Gq[:, :, :, None, :] - G[:, :, None, :, :]  # (B, H, Lq, Lk, F), <= 0 where visible
+    expo = torch.where(visible[:, :, None], expo, torch.full_like(expo, float("-inf")))
+    scores = torch.einsum("bhif,bhjf,bhijf->bhij", fq, fk, expo.exp())
+    return scores @ v
+
+
+# --------------------------------------------------------------------------------------------
+# Recurrent form: one token
+# --------------------------------------------------------------------------------------------
+def step(fq_t, fk_t, v_t, S, *, log_decay=None, log_gates_t=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``S <- decay ⊙ S + φk_tᵀ v_t``; ``o_t = φq_t S``. Shapes ``(B, H, F)``, ``(B, H, F, Dv')``."""
+    if log_decay is not None:
+        S = S * log_decay.to(S.dtype).exp()[:, None, None]
+    if log_gates_t is not None:
+        S = S * log_gates_t.to(S.dtype).exp()[..., None]
+    S = S + fk_t[..., :, None] * v_t[..., None, :]
+    return (fq_t[..., None, :] @ S)[..., 0, :], S
+
+
+def scan_recurrent(fq, fk, v, S, *, log_decay=None, log_gates=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The causal recurrent form over a whole segment (a loop of :func:`step`)."""
+    outs = []
+    for t in range(fq.shape[2]):
+        g = None if log_gates is None else log_gates[:, :, t]
+        o, S = step(fq[:, :, t], fk[:, :, t], v[:, :, t], S, log_decay=log_decay, log_gates_t=g)
+        outs.append(o)
+    return torch.stack(outs, dim=2), S
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked form
+# --------------------------------------------------------------------------------------------
+def chunked(fq, fk, v, S, *, chunk: int, log_decay=None, log_gates=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Causal, aligned (``Lq == Lk``); returns (raw, S).
+
+    Spans of about :data:`SPAN` tokens (whole chunks) are computed one after another, each with all
+    its chunks at once and the state carried between spans, so the working set stays in cache and
+    does not grow with L (throughput at 32K tokens equals throughput at 1K). A remainder shorter
+    than a chunk is one last chunk.
+    """
+    B, H, L, F = fq.shape
+    per = chunk * max(1, SPAN // chunk)
+    consts = {}
+    outs = []
+    a = 0
+    while a < L:
+        C = min(chunk, L - a)
+        b = a + min(per, (L - a) // C * C)
+        if log_decay is not None and C not in consts:
+            consts[C] = _decay_consts(log_decay.to(fq.dtype), C)
+
+        def blocks(x):  # (B, H, m·C, .) -> contiguous (B, H, m, C, .)
+            return x[:, :, a:b].reshape(B, H, (b - a) // C, C, x.shape[-1])
+
+        if log_gates is None:
+            o, S = _span(blocks(fq), blocks(fk), blocks(v), S, consts.get(C))
+        else:
+            o, S = _gated_chunks(blocks(fq), blocks(fk), blocks(v), S,
+                                 blocks(log_gates.to(fq.dtype).expand(B, H, L, F)))
+        outs.append(o.reshape(B, H, b - a, -1))
+        a = b
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0], S
+
+
+def _decay_consts(lam: torch.Tensor, C: int):
+    """Per-head decay factors of one chunk: intra weights (H, C, C), key-to-end and start-to-query
+    factors (H, C, 1), and one whole chunk (H, 1, 1); all exponents <= 0."""
+    t = torch.arange(C, device=lam.device, dtype=lam.dtype)
+    lam = lam[:, None, None]
+    return (weights(C, C, True, lam[:, 0, 0], lam.device, lam.dtype), (lam * (C - 1 - t)[:, None]).exp(),
+            (lam * (t + 1)[:, None]).exp(), (lam * C).exp())
+
+
+def _span(q, k, v, S, consts):
+    """Chunks (B, H, m, C, .) at once: intra = [(Q Kᵀ) ⊙ W] V, inter = (Q ⊙ decay) S_before."""
+    scores = q @ k.transpose(-1, -2)  # fresh: masked in place (matmul's backward does not read its output)
+    if consts is None:
+        scores.tril_()
+        dS = k.transpose(-1, -2) @ v  # (B, H, m, F, Dv)
+        before = S[:, :, None] + dS.cumsum(2) - dS  # state before each chunk
+        S = before[:, :, -1] + dS[:, :, -1]
+        qs = q
+    else:
+        w, k_to_end, q_from_start, across = consts
+        scores.mul_(w[:, None])
+        dS = (k * k_to_end[:, None]).transpose(-1, -2) @ v
+        befores = []
+        for c in range(q.shape[2]):
+            befores.append(S)
+            S = S * across + dS[:, :, c]
+        before = torch.stack(befores, dim=2)
+        qs = q * q_from_start[:, None]
+    flat = lambda x: x.reshape(-1, x.shape[-2], x.shape[-1])  # noqa: E731
+    out = flat(scores @ v).baddbmm_(flat(qs), flat(before))  # intra + inter in one pass
+    return out.view(q.shape[:-1] + (v.shape[-1],)), S
+
+
+def _gated_chunks(q, k, vv, S, g):
+    """Per-channel gates, (B, H, m, C, F) each; intra-chunk weights need (C, C, F) per chunk."""
+    B, H, m, C, F = q.shape
+    G = g.cumsum(3)  # inclusive, within each chunk
+    last = G[..., -1:, :]  # (B, H, m, 1, F)
+    dS = (k * (last - G).exp()).transpose(-1, -2) @ vv
+    q_from_start = q * G.exp()
+    visible = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    per = max(1, _GATED_GROUP_FLOATS // max(1, B * H * C * C * F))
+    intra = []
+    for a in range(0, m, per):
+        Ga = G[:, :, a:a + per]
+        expo = Ga[..., :, None, :] - Ga[..., None, :, :]  # (B, H, m', C, C, F)
+        expo = torch.where(visible[..., None], expo, torch.full_like(expo, float("-inf")))
+        scores = torch.einsum("bhntf,bhnsf,bhntsf->bhnts", q[:, :, a:a + per], k[:, :, a:a + per], expo.exp())
+        intra.append(scores @ vv[:, :, a:a + per])
+    across = last[..., 0, :, None].exp()  # (B, H, m, F, 1)
+    befores = []
+    for c in range(m):
+        befores.append(S)
+        S = S * across[:, :, c] + dS[:, :, c]
+    out = torch.cat(intra, dim=2) + q_from_start @ torch.stack(befores, dim=2)
+    return out, S
+
+
+# --------------------------------------------------------------------------------------------
+# Non-causal forms
+# --------------------------------------------------------------------------------------------
+def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int = 64) -> torch.Tensor:
+    """Every key visible. No decay: ``φq (Σ_j φk_jᵀ v_j)`` (cross attention too). Per-head decay:
+    the bidirectional sum of a forward and a backward causal scan minus the double-counted diagonal
+    (self attention)."""
+    if log_decay is None:
+        if recurrent:  # absorb every key into the state, then read it out per query
+            S = fq.new_zeros(fq.shape[:2] + (fq.shape[-1], v.shape[-1]))
+            for t in range(fk.shape[2]):
+                S = S + fk[:, :, t, :, None] * v[:, :, t, None, :]
+        else:
+            S = fk.transpose(-1, -2) @ v
+        return fq @ S
+    S0 = fq.new_zeros(fq.shape[:2] + (fq.shape[-1], v.shape[-1]))
+
+    def causal(a, b, c):
+        if recurrent:
+            return scan_recurrent(a, b, c, S0, log_decay=log_decay)[0]
+        return chunked(a, b, c, S0, chunk=chunk, log_decay=log_decay)[0]
+
+    fwd = causal(fq, fk, v)
+    bwd = causal(fq.flip(2), fk.flip(2), v.flip(2)).flip(2)
+    diag = (fq * fk).sum(-1, keepdim=True) * v
+    return fwd + bwd - diag
+
+
+__all__ = ["chunked", "finish", "noncausal", "parallel", "scan_recurrent", "step", "weights", "with_ones"]
