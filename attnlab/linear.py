@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 
 #: Tokens computed at once by the chunked form (whole chunks); the state carries across spans.
-SPAN = 2048
+SPAN = 512
 #: Gated intra-chunk work is (C, C, F) per chunk; chunks are processed in groups of about this many floats.
 _GATED_GROUP_FLOATS = 1 << 22
 

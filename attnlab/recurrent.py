@@ -36,7 +36,7 @@ from .catalogue import Call, Implementation, Mechanism, Param
 
 FORMS = ("chunked", "recurrent", "parallel")
 #: Causal chunked forms run over spans of about this many tokens (whole chunks), state carried.
-SPAN = 2048
+SPAN = 512
 
 #: The chunk-size parameter every chunked form declares (Lightning Attention's block size).
 CHUNK_SIZE = Param("chunk_size", "int", 64, "block size of the chunked form (tokens per chunk); it changes "
