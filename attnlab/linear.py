@@ -29,6 +29,9 @@ import torch
 
 #: Tokens computed at once by the chunked form (whole chunks); the state carries across spans.
 SPAN = 512
+#: Largest total log gate within a chunk for the one-GEMM gated path (exp(±range) stays far inside
+#: the accumulation dtype: ~1e26 in float32); chunks with stronger decay take the (C, C, F) path.
+_GATE_RANGE = {torch.float32: 60.0, torch.float64: 600.0}
 #: Gated intra-chunk work is (C, C, F) per chunk; chunks are processed in groups of about this many floats.
 _GATED_GROUP_FLOATS = 1 << 22
 
@@ -177,6 +180,16 @@ def _gated_chunks(q, k, vv, S, g):
     last = G[..., -1:, :]  # (B, H, m, 1, F)
     dS = (k * (last - G).exp()).transpose(-1, -2) @ vv
     q_from_start = q * G.exp()
+    if float(-last.detach().min()) < _GATE_RANGE[q.dtype]:
+        # every chunk's gates span less than exp(range): split exp(G_t - G_s) = exp(G_t) exp(-G_s) and
+        # use one GEMM (both factors stay far inside the dtype's range; the products are exact)
+        scores = (q_from_start @ (k * (-G).exp()).transpose(-1, -2)).tril_()
+        across = last[..., 0, :, None].exp()
+        befores = []
+        for c in range(m):
+            befores.append(S)
+            S = S * across[:, :, c] + dS[:, :, c]
+        return scores @ vv + q_from_start @ torch.stack(befores, dim=2), S
     visible = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     per = max(1, _GATED_GROUP_FLOATS // max(1, B * H * C * C * F))
     intra = []

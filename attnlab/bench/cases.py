@@ -159,7 +159,7 @@ def expand(
                         if longca.is_longca(mech.name):
                             p = longca.draw_params(mech.name.split(":", 1)[1], L, seed)
                         else:
-                            p = presets.default_params(mech.name, shape, heads)
+                            p = presets.default_params(mech.name, shape, heads, head_dim)
                         p.update((params or {}).get(mech.name, {}))
                         if rank:  # "neighborhood:2d" entries override "neighborhood" ones for that rank
                             p.update((params or {}).get(f"{mech.name}:{rank}d", {}))
@@ -229,7 +229,10 @@ def make_inputs(case: Case, seed: int):
         q_shape, k_shape = (case.q_len,), (case.kv_len,)
     B, D = case.batch, case.head_dim
     grad = case.direction == "fwdbwd"
-    q = torch.randn(B, case.heads, *q_shape, D, generator=gen, dtype=dtype).requires_grad_(grad)
+    q = torch.randn(B, case.heads, *q_shape, D, generator=gen, dtype=dtype)
+    if not case.is_baseline() and mechanism_of(case.mechanism).extras.get("shared_query"):
+        q = q[:, :, :1].expand_as(q).clone()  # one query per head at every position (Aaren)
+    q = q.requires_grad_(grad)
     k = torch.randn(B, case.kv_heads, *k_shape, D, generator=gen, dtype=dtype).requires_grad_(grad)
     v = torch.randn(B, case.kv_heads, *k_shape, D, generator=gen, dtype=dtype).requires_grad_(grad)
     dout = torch.randn(B, case.heads, *q_shape, D, generator=gen, dtype=dtype) if grad else None

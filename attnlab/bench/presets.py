@@ -30,6 +30,7 @@ configurations after the efficiency cases); ``--task`` replaces them, ``--task n
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -86,12 +87,22 @@ DEFAULT_PARAMS: Dict[str, Dict[str, Any]] = {
     # GLA's per-token log forget gates, one per head and token: GLA's own map of seeded N(0, 1) logits.
     "gla": {"log_gates": lambda shape, heads: {"randn": [1, heads, shape[0], 1],
                                                "map": "attnlab.entries.gla:gate_log"}},
+    # Agent attention's causal form needs given agent tokens (pooling queries would see the future):
+    # 16 seeded agents per head, used for every pattern so the patterns compare like with like.
+    "agent": {"agents": lambda shape, heads, head_dim: {"randn": [1, heads, 16, head_dim]}},
 }
 
 
-def default_params(name: str, shape: Tuple[int, ...], heads: int) -> Dict[str, Any]:
-    """The resolved (JSON-able) default parameters of mechanism ``name`` for one case shape."""
-    return {k: (v(tuple(shape), heads) if callable(v) else v) for k, v in DEFAULT_PARAMS.get(name, {}).items()}
+def default_params(name: str, shape: Tuple[int, ...], heads: int, head_dim: int = 64) -> Dict[str, Any]:
+    """The resolved (JSON-able) default parameters of mechanism ``name`` for one case shape (a
+    function of ``(shape, heads)``, or of ``(shape, heads, head_dim)`` when it takes three arguments)."""
+    def resolve(v):
+        if not callable(v):
+            return v
+        wants_dim = len(inspect.signature(v).parameters) == 3
+        return v(tuple(shape), heads, head_dim) if wants_dim else v(tuple(shape), heads)
+
+    return {k: resolve(v) for k, v in DEFAULT_PARAMS.get(name, {}).items()}
 
 
 def grid_for(length: int, ndim: int) -> Tuple[int, ...]:

@@ -197,3 +197,23 @@ def test_bad_gates():
         GLA(q, k, v, causal=True, log_gates=g[:, :, :20])
     with pytest.raises(ValueError, match="noncausal_cross"):
         GLA(q[:, :, :9], k, v, log_gates=g)
+
+
+@pytest.mark.parametrize("strength", [0.05, 5.0])
+def test_chunked_paths_for_weak_and_strong_gates(strength):
+    """Weak gates take the one-GEMM intra-chunk path, strong ones (exp(-G) would overflow float32)
+    the (C, C, F) path; both equal the parallel form, in float32 too."""
+    from attnlab import linear as K
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 70, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    log_gates = -strength * torch.rand(1, 2, 70, 8, generator=g, dtype=torch.float64)
+    assert (strength * 32 > K._GATE_RANGE[torch.float32]) == (strength > 1)
+    m = attnlab.mechanism("gla")
+    ref = m(q, k, v, causal=True, impl="parallel", log_gates=log_gates)
+    out = m(q, k, v, causal=True, impl="chunked", log_gates=log_gates, chunk_size=32)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    out32 = m(q.float(), k.float(), v.float(), causal=True, impl="chunked", log_gates=log_gates.float(),
+              chunk_size=32)
+    assert out32.isfinite().all()
+    torch.testing.assert_close(out32.double(), ref, atol=1e-4, rtol=1e-4)
