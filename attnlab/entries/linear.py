@@ -130,11 +130,15 @@ def kernel_entry(name: str, *, paper: str, summary: str, formula: str, params, p
         return heads * F * (value_dim + int(p.get("normalize", False)))
 
     def flops(call: Call) -> float:
-        """GEMM work of the chunked form: per chunk QKᵀ, (QKᵀ)V, KᵀV, Q·S (causal: half the chunk pairs)."""
+        """GEMM work of the chunked form. Causal: per chunk of C tokens QKᵀ and (QKᵀ)V over the
+        C(C+1)/2 visible pairs, KᵀV and Q·S (2 C F Dv each). Non-causal without decay: the two
+        GEMMs KᵀV (2 Lk F Dv) and Q·S (2 Lq F Dv); with a decay: two causal scans."""
         F, Dv, C = feature_dim(call), call.value_dim + normalize(call), min(call.params["chunk_size"], call.kv_len)
-        pairs = C * (C + 1) / 2 if call.causal else C * C
-        per_chunk = 2 * pairs * (F + Dv) + 4 * C * F * Dv
-        return call.batch * call.q_heads * per_chunk * max(call.q_len, call.kv_len) / C
+        BH = call.batch * call.q_heads
+        if not call.causal and log_decay(call) is None:
+            return BH * 2.0 * F * Dv * (call.q_len + call.kv_len)
+        per_chunk = 2 * (C * (C + 1) / 2) * (F + Dv) + 4 * C * F * Dv
+        return (1 if call.causal else 2) * BH * per_chunk * max(call.q_len, call.kv_len) / C
 
     def checks(call: Call):
         check_offsets(call)

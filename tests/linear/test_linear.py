@@ -140,3 +140,17 @@ def test_step_time_state_is_constant_size():
     _, s = m.scan(q, k, v)
     o, s2 = m.step(s, q[:, :, 0], k[:, :, 0], v[:, :, 0])
     assert s2.length == 51 and s2.floats == s.floats == m.state_size(2, 8, 5)
+
+
+def test_flops_count_the_chunked_forms_gemms():
+    """Causal: per chunk the visible intra pairs (QKᵀ, AV) plus KᵀV and Q·S; non-causal without decay:
+    the two GEMMs KᵀV and Q·S only; with a decay: two causal scans."""
+    q, k, v = qkv(B=1, H=2, L=128, D=8, Dv=8)
+    lin, ret = attnlab.mechanism("linear"), attnlab.mechanism("retention")
+    call = lin.prepare(q, k, v, causal=False, normalize=False, chunk_size=32)
+    assert lin.flops(call) == 2 * 2 * 8 * 8 * (128 + 128)
+    causal = lin.prepare(q, k, v, causal=True, normalize=False, chunk_size=32)
+    per_chunk = 2 * (32 * 33 / 2) * (8 + 8) + 4 * 32 * 8 * 8
+    assert lin.flops(causal) == 2 * per_chunk * 128 / 32
+    assert ret.flops(ret.prepare(q, k, v, causal=False, chunk_size=32)) == 2 * ret.flops(
+        ret.prepare(q, k, v, causal=True, chunk_size=32))
