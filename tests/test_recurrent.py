@@ -115,3 +115,19 @@ def test_stateful_misuse_raises_naming_the_argument(name):
 def test_entries_without_recurrence_have_no_step():
     with pytest.raises(TypeError, match="no recurrent form.*linear"):
         attnlab.mechanism("dense").step(None, *torch.randn(3, 1, 1, 4))
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_chunked_spans_equal_the_parallel_form(name):
+    """Causal chunked calls longer than a span (recurrent.SPAN tokens) run span by span with the state
+    carried; the result is the parallel form's, in float64, with a remainder span too."""
+    from attnlab import recurrent
+
+    m = attnlab.mechanism(name)
+    L = 2 * recurrent.SPAN + 77
+    q, k, v = _qkv(1, 2, L, 16, torch.float64, m=m)
+    params = {n: (x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x)
+              for n, x in _params(m, 1, 2, L, 16).items()}
+    ref = m(q, k, v, causal=True, impl="parallel", **params)
+    out = m(q, k, v, causal=True, impl="chunked", **params)
+    torch.testing.assert_close(out, ref, atol=1e-9 * max(1.0, float(ref.abs().max())), rtol=0)
