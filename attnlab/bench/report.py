@@ -203,13 +203,19 @@ def _is_external(c: Dict[str, Any]) -> bool:
     return c["impl"].startswith("natten")
 
 
+def _grouped(data: Data, fields: Tuple[str, ...], keep) -> List[Tuple[tuple, List[Dict[str, Any]]]]:
+    """The cases that ``keep`` accepts, grouped by the values of ``fields``, groups in sorted order."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = defaultdict(list)
+    for c in data.cases:
+        if keep(c):
+            groups[tuple(c[f] for f in fields)].append(c)
+    return sorted(groups.items())
+
+
 def efficiency_figures(data: Data, out: Optional[Path]) -> List[Figure]:
     figs = []
-    groups: Dict[Tuple[str, str, str], List[Dict[str, Any]]] = defaultdict(list)
-    for c in data.cases:
-        if not _is_longca(c) and not _is_external(c):
-            groups[(c["pattern"], c["direction"], c["dtype"])].append(c)
-    for (pattern, direction, dtype), cs in sorted(groups.items()):
+    for (pattern, direction, dtype), cs in _grouped(data, ("pattern", "direction", "dtype"),
+                                                    lambda c: not _is_longca(c) and not _is_external(c)):
         if all(c["mechanism"] == BASELINE for c in cs):  # only SDPA (the baseline of other sections' cases)
             continue
         tag = f"{pattern}_{direction}_{dtype}"
@@ -242,11 +248,7 @@ def efficiency_figures(data: Data, out: Optional[Path]) -> List[Figure]:
 
 def longca_figures(data: Data, out: Optional[Path]) -> List[Figure]:
     figs = []
-    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = defaultdict(list)
-    for c in data.cases:
-        if _is_longca(c):
-            groups[(c["direction"], c["dtype"])].append(c)
-    for (direction, dtype), cs in sorted(groups.items()):
+    for (direction, dtype), cs in _grouped(data, ("direction", "dtype"), _is_longca):
         fig = _figure(11.0, 4.2, left=0.08)
         ax = fig.add_subplot(1, 2, 1)
         _plot_lines(ax, _series(cs, "time_median_s"), "median time per call (ms)", 1e3)
@@ -262,11 +264,8 @@ def longca_figures(data: Data, out: Optional[Path]) -> List[Figure]:
 
 def gemm_figures(data: Data, out: Optional[Path]) -> List[Figure]:
     figs = []
-    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = defaultdict(list)
-    for c in data.cases:
-        if _value(c, "gemm_peak_fraction") is not None and not _is_external(c):
-            groups[(c["direction"], c["dtype"])].append(c)
-    for (direction, dtype), cs in sorted(groups.items()):
+    for (direction, dtype), cs in _grouped(data, ("direction", "dtype"), lambda c: _value(
+            c, "gemm_peak_fraction") is not None and not _is_external(c)):
         series: Dict[str, List[Tuple[int, float]]] = defaultdict(list)
         for c in cs:
             if c["status"] == "ok":
