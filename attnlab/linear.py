@@ -27,8 +27,8 @@ from typing import Optional, Tuple
 
 import torch
 
-#: Tokens computed at once by the chunked form (whole chunks); the state carries across spans.
-SPAN = 512
+from .reference import causal_mask
+from .recurrent import SPAN  # tokens computed at once (whole chunks); the state carries across spans
 #: Largest total log gate within a chunk for the one-GEMM gated path (exp(±range) stays far inside
 #: the accumulation dtype: ~1e26 in float32); chunks with stronger decay take the (C, C, F) path.
 _GATE_RANGE = {torch.float32: 60.0, torch.float64: 600.0}
@@ -56,7 +56,7 @@ def weights(Lq: int, Lk: int, causal: bool, log_decay: Optional[torch.Tensor], d
     i = torch.arange(Lq, device=device)[:, None] + (Lk - Lq)
     j = torch.arange(Lk, device=device)[None, :]
     dist = (i - j).to(dtype)
-    visible = (j <= i) if causal else torch.ones_like(dist, dtype=torch.bool)
+    visible = causal_mask(Lq, Lk, device) if causal else torch.ones_like(dist, dtype=torch.bool)
     if log_decay is None:
         return visible.to(dtype)
     lam = log_decay.to(dtype)[:, None, None]
@@ -75,7 +75,7 @@ def parallel(fq, fk, v, *, causal: bool, log_decay=None, log_gates=None) -> torc
     G = log_gates.to(fq.dtype).expand(fk.shape[0], fk.shape[1], Lk, -1).cumsum(2)
     i = torch.arange(Lq, device=fq.device) + (Lk - Lq)
     Gq = G[:, :, i.clamp(min=0)]  # rows with i' < 0 see no key (masked below)
-    visible = torch.arange(Lk, device=fq.device)[None, :] <= i[:, None]
+    visible = causal_mask(Lq, Lk, fq.device)
     expo = Gq[:, :, :, None, :] - G[:, :, None, :, :]  # (B, H, Lq, Lk, F), <= 0 where visible
     expo = torch.where(visible[:, :, None], expo, torch.full_like(expo, float("-inf")))
     scores = torch.einsum("bhif,bhjf,bhijf->bhij", fq, fk, expo.exp())
@@ -161,51 +161,47 @@ def _span(q, k, v, S, consts):
     else:
         w, k_to_end, q_from_start, across = consts
         scores.mul_(w[:, None])
-        dS = (k * k_to_end[:, None]).transpose(-1, -2) @ v
-        befores = []
-        for c in range(q.shape[2]):
-            befores.append(S)
-            S = S * across + dS[:, :, c]
-        before = torch.stack(befores, dim=2)
+        before, S = _carry(S, (k * k_to_end[:, None]).transpose(-1, -2) @ v, across)
         qs = q * q_from_start[:, None]
     flat = lambda x: x.reshape(-1, x.shape[-2], x.shape[-1])  # noqa: E731
     out = flat(scores @ v).baddbmm_(flat(qs), flat(before))  # intra + inter in one pass
     return out.view(q.shape[:-1] + (v.shape[-1],)), S
 
 
+def _carry(S, dS, across):
+    """The state before each chunk (stacked on axis 2) and after the last one:
+    ``S_{c+1} = across_c ⊙ S_c + dS_c``; ``across`` is one factor for every chunk, or one per chunk
+    on axis 2 (as ``dS``)."""
+    befores = []
+    for c in range(dS.shape[2]):
+        befores.append(S)
+        S = S * (across[:, :, c] if across.dim() == dS.dim() else across) + dS[:, :, c]
+    return torch.stack(befores, dim=2), S
+
+
 def _gated_chunks(q, k, vv, S, g):
-    """Per-channel gates, (B, H, m, C, F) each; intra-chunk weights need (C, C, F) per chunk."""
+    """Per-channel gates, (B, H, m, C, F) each: intra-chunk weights ``exp(G_t - G_s)`` per channel."""
     B, H, m, C, F = q.shape
     G = g.cumsum(3)  # inclusive, within each chunk
     last = G[..., -1:, :]  # (B, H, m, 1, F)
-    dS = (k * (last - G).exp()).transpose(-1, -2) @ vv
     q_from_start = q * G.exp()
     if float(-last.detach().min()) < _GATE_RANGE[q.dtype]:
         # every chunk's gates span less than exp(range): split exp(G_t - G_s) = exp(G_t) exp(-G_s) and
         # use one GEMM (both factors stay far inside the dtype's range; the products are exact)
-        scores = (q_from_start @ (k * (-G).exp()).transpose(-1, -2)).tril_()
-        across = last[..., 0, :, None].exp()
-        befores = []
-        for c in range(m):
-            befores.append(S)
-            S = S * across[:, :, c] + dS[:, :, c]
-        return scores @ vv + q_from_start @ torch.stack(befores, dim=2), S
-    visible = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    per = max(1, _GATED_GROUP_FLOATS // max(1, B * H * C * C * F))
-    intra = []
-    for a in range(0, m, per):
-        Ga = G[:, :, a:a + per]
-        expo = Ga[..., :, None, :] - Ga[..., None, :, :]  # (B, H, m', C, C, F)
-        expo = torch.where(visible[..., None], expo, torch.full_like(expo, float("-inf")))
-        scores = torch.einsum("bhntf,bhnsf,bhntsf->bhnts", q[:, :, a:a + per], k[:, :, a:a + per], expo.exp())
-        intra.append(scores @ vv[:, :, a:a + per])
-    across = last[..., 0, :, None].exp()  # (B, H, m, F, 1)
-    befores = []
-    for c in range(m):
-        befores.append(S)
-        S = S * across[:, :, c] + dS[:, :, c]
-    out = torch.cat(intra, dim=2) + q_from_start @ torch.stack(befores, dim=2)
-    return out, S
+        intra = (q_from_start @ (k * (-G).exp()).transpose(-1, -2)).tril_() @ vv
+    else:  # strong decay: the (C, C, F) weights themselves, in groups of chunks
+        visible = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        per = max(1, _GATED_GROUP_FLOATS // max(1, B * H * C * C * F))
+        parts = []
+        for a in range(0, m, per):
+            Ga = G[:, :, a:a + per]
+            expo = Ga[..., :, None, :] - Ga[..., None, :, :]  # (B, H, m', C, C, F)
+            expo = torch.where(visible[..., None], expo, torch.full_like(expo, float("-inf")))
+            scores = torch.einsum("bhntf,bhnsf,bhntsf->bhnts", q[:, :, a:a + per], k[:, :, a:a + per], expo.exp())
+            parts.append(scores @ vv[:, :, a:a + per])
+        intra = torch.cat(parts, dim=2)
+    before, S = _carry(S, (k * (last - G).exp()).transpose(-1, -2) @ vv, last[..., 0, :, None].exp())
+    return intra + q_from_start @ before, S
 
 
 # --------------------------------------------------------------------------------------------
