@@ -68,6 +68,7 @@ from torch.autograd.gradcheck import GradcheckError
 
 from . import reference as _ref
 from .catalogue import PATTERNS, Mechanism, mechanism as _lookup
+from .recurrent import token_params
 
 B, HQ, HKV, D, DV = 2, 4, 2, 8, 6
 DEFAULT_LENGTH = 37
@@ -470,7 +471,7 @@ def _causality(c: _Collector, case: _Case, impl: str):
         worst, done, invalid, failed = 0.0, [], [], False
         for i in positions if reason is None else ():
             qp, kp, vp = x.q[:, :, :i + 1], x.k[:, :, :i + 1 + off], x.v[:, :, :i + 1 + off]
-            sliced = _token_params(mech, x.params, 0, i + 1 + off)  # per-token tensors follow the keys
+            sliced = token_params(mech, x.params, slice(0, i + 1 + off))  # per-token tensors follow the keys
             try:
                 mech.prepare(qp, kp, vp, **x.kwargs(**sliced))
             except (ValueError, TypeError) as e:
@@ -674,17 +675,6 @@ def _check_patterns(c: _Collector, mech: Mechanism, exs: List[Example], seed: in
                 c.add("patterns", "undeclared", case, "-", False, f"{pattern} is not declared but the call ran")
 
 
-def _token_params(mech: Mechanism, params: Mapping[str, Any], start: int, stop: Optional[int] = None) -> dict:
-    """Per-token tensor parameters sliced to keys ``start:stop`` (one token, no axis, when stop is None)."""
-    names = {p.name for p in mech.params if p.per_token}
-    out = {}
-    for n, val in params.items():
-        if n in names and isinstance(val, torch.Tensor):
-            val = val[:, :, start] if stop is None else val[:, :, start:stop]
-        out[n] = val
-    return out
-
-
 def _check_forms(c: _Collector, mech: Mechanism, exs: List[Example], seed: int):
     """Recurrence entries: stepping, segments with state, and packed documents equal the parallel form."""
     if mech.recurrence is None:
@@ -708,7 +698,7 @@ def _forms_case(c: _Collector, mech: Mechanism, case: _Case, pattern: str):
             state, outs = None, []
             for t in range(L):
                 o, state = mech.step(state, x.q[:, :, t], x.k[:, :, t], x.v[:, :, t],
-                                     **_token_params(mech, x.params, t))
+                                     **token_params(mech, x.params, t))
                 outs.append(o)
             ok, detail = _compare(torch.stack(outs, 2), ref, FLOAT64_ATOL)
             c.add("forms", "step", case, "recurrent", ok, f"m.step over {L} tokens vs parallel: {detail}; "
@@ -719,7 +709,7 @@ def _forms_case(c: _Collector, mech: Mechanism, case: _Case, pattern: str):
             for n, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
                 impl = "recurrent" if n == 1 else "chunked"
                 o, state = mech.scan(x.q[:, :, a:b], x.k[:, :, a:b], x.v[:, :, a:b], state, impl=impl,
-                                     **_token_params(mech, x.params, a, b))
+                                     **token_params(mech, x.params, slice(a, b)))
                 outs.append(o)
             ok, detail = _compare(torch.cat(outs, 2), ref, FLOAT64_ATOL)
             _, s_chunk = mech.scan(x.q, x.k, x.v, impl="chunked", **x.params)
@@ -737,7 +727,7 @@ def _forms_case(c: _Collector, mech: Mechanism, case: _Case, pattern: str):
         with c.guard("forms", "offsets", case, impl):
             out = mech(x.q, x.k, x.v, impl=impl, **x.kwargs(offsets=offsets))
             docs = [mech.reference(x.q[:, :, a:b], x.k[:, :, a:b], x.v[:, :, a:b],
-                                   **_token_params(mech, x.kwargs(), a, b))
+                                   **token_params(mech, x.kwargs(), slice(a, b)))
                 for a, b in zip(bounds[:-1], bounds[1:])]
             ok, detail = _compare(out, torch.cat(docs, 2), FLOAT64_ATOL)
             c.add("forms", "offsets", case, impl, ok, f"packed documents at {offsets} vs each document alone: "

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from .catalogue import Mechanism, mechanism as _lookup
-from .recurrent import State
+from .recurrent import State, token_params
 
 PLACEMENTS = ("interleave", "first", "last")
 #: ``model(x, form=...)``: "default" = each layer's :func:`training_impl`; the others pick that
@@ -243,7 +243,7 @@ class TokenMixer(nn.Module):
         self.qkv = nn.Linear(d_model, (2 if self.query is not None else 3) * d_model)
         self.out = nn.Linear(d_model, d_model)
         self._impls: Dict[tuple, str] = {}
-        self._per_token = {p.name for p in self.mech.params if getattr(p, "per_token", False)}
+        self._per_token = {p.name for p in self.mech.params if p.per_token}
 
     def call_params(self, x: torch.Tensor, start: int = 0) -> Dict[str, Any]:
         """The entry's parameters for input ``x`` ``(B, L, d_model)`` at positions ``start .. start + L - 1``:
@@ -326,8 +326,7 @@ class TokenMixer(nn.Module):
         params = self.call_params(x, start)
         if kind == "state":
             if one_step:
-                params = {n: (p[:, :, 0] if n in self._per_token and isinstance(p, torch.Tensor) else p)
-                          for n, p in params.items()}
+                params = token_params(self.mech, params, 0)
                 o, state = self.mech.step(cache, q[:, :, 0], k[:, :, 0], v[:, :, 0], **params)
                 return self._merge(o[:, :, None]), state
             o, state = self.mech.scan(q, k, v, cache, impl="chunked", **params)

@@ -47,11 +47,6 @@ OFFSETS = Param("offsets", "ints", None, "document start positions of a packed s
                 "initial state", optional=True, ge=0)
 
 
-def accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @dataclass
 class State:
     """The recurrent state of one layer after ``length`` tokens: named tensors, batch x heads first."""
@@ -101,7 +96,14 @@ class Recurrence:
 # Running a form on a validated call
 # --------------------------------------------------------------------------------------------
 def _per_token(mech: Mechanism):
-    return [p.name for p in mech.params if getattr(p, "per_token", False)]
+    return [p.name for p in mech.params if p.per_token]
+
+
+def token_params(mech: Mechanism, params: Dict, index) -> Dict:
+    """``params`` with every per-token tensor (``Param.per_token``) indexed on its key axis 2 by ``index``:
+    a slice of key positions, one position (the axis dropped), or None (a length-1 axis added)."""
+    names = _per_token(mech)
+    return {n: (x[:, :, index] if n in names and isinstance(x, torch.Tensor) else x) for n, x in params.items()}
 
 
 def _expand_heads(x: torch.Tensor, heads: int, broadcast: bool = False) -> torch.Tensor:
@@ -113,10 +115,7 @@ def _expand_heads(x: torch.Tensor, heads: int, broadcast: bool = False) -> torch
 
 def _slice_call(call: Call, names, start: int, stop: int, q_len: int) -> Call:
     """The call restricted to keys ``start:stop`` (per-token tensors sliced) and ``q_len`` queries."""
-    params = dict(call.params)
-    for n in names:
-        if isinstance(params.get(n), torch.Tensor):
-            params[n] = params[n][:, :, start:stop]
+    params = token_params(call.mechanism, call.params, slice(start, stop))
     if "offsets" in params:
         params["offsets"] = None
     return dataclasses.replace(call, q_len=q_len, kv_len=stop - start, params=params)
@@ -281,8 +280,7 @@ def scan(mech: Mechanism, q, k, v, state: Optional[State] = None, *, impl: str =
     _check_state(mech, state, call)
     if call.params.get("offsets") and state is not None:
         raise ValueError(f"{mech.name}: offsets reset the state at every document; give state=None with offsets")
-    out, final = run_form(impl, call, q, k, v, state)
-    return out, final
+    return run_form(impl, call, q, k, v, state)
 
 
 def step(mech: Mechanism, state: Optional[State], q_t, k_t, v_t, *, scale: Optional[float] = None,
@@ -296,8 +294,7 @@ def step(mech: Mechanism, state: Optional[State], q_t, k_t, v_t, *, scale: Optio
             raise TypeError(f"{mech.name}: {arg} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3:
             raise ValueError(f"{mech.name}: {arg} must have shape (B, H, D) (one token), got {tuple(x.shape)}")
-    names = _per_token(mech)
-    params = {n: (x.unsqueeze(2) if n in names and isinstance(x, torch.Tensor) else x) for n, x in params.items()}
+    params = token_params(mech, params, None)  # one token: a length-1 key axis
     q, k, v = q_t.unsqueeze(2), k_t.unsqueeze(2), v_t.unsqueeze(2)
     call = mech.prepare(q, k, v, causal=True, scale=scale, **params)
     if call.params.get("offsets"):
@@ -308,5 +305,5 @@ def step(mech: Mechanism, state: Optional[State], q_t, k_t, v_t, *, scale: Optio
     return out[:, :, 0], final
 
 
-__all__ = ["CHUNK_SIZE", "FORMS", "OFFSETS", "Recurrence", "State", "accum_dtype", "check_offsets", "check_per_token",
-           "forms", "run_form", "scan", "step"]
+__all__ = ["CHUNK_SIZE", "FORMS", "OFFSETS", "Recurrence", "State", "check_offsets", "check_per_token", "forms",
+           "run_form", "scan", "step", "token_params"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.recurrent import State
+from attnlab.recurrent import State, token_params
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -51,8 +51,7 @@ def test_long_bfloat16_stays_finite(name):
     assert state.length == LONG
     assert all(t.isfinite().all() for t in state.tensors.values())
     # The recurrent form continues the chunked state over the tail.
-    head = {n: (x[:, :, :LONG - tail] if m.params and _per_token(m, n) else x) for n, x in params.items()}
-    rest = {n: (x[:, :, LONG - tail:] if m.params and _per_token(m, n) else x) for n, x in params.items()}
+    head, rest = token_params(m, params, slice(0, LONG - tail)), token_params(m, params, slice(LONG - tail, None))
     _, mid = m.scan(q[:, :, :-tail], k[:, :, :-tail], v[:, :, :-tail], impl="chunked", **head)
     out_tail, _ = m.scan(q[:, :, -tail:], k[:, :, -tail:], v[:, :, -tail:], mid, impl="recurrent", **rest)
     assert out_tail.isfinite().all(), f"{name}: recurrent form not finite after {LONG - tail} tokens"
@@ -62,10 +61,6 @@ def test_long_bfloat16_stays_finite(name):
         last = m(q[:, :, -64:], k, v, causal=True, impl="parallel", **params)
         assert last.isfinite().all(), f"{name}: parallel form not finite"
         torch.testing.assert_close(last.float(), whole[:, :, -64:].float(), atol=0.1, rtol=0.1)
-
-
-def _per_token(m, name):
-    return any(p.name == name and p.per_token for p in m.params)
 
 
 @pytest.mark.parametrize("name", STATEFUL)
@@ -89,7 +84,7 @@ def test_stateful_misuse_raises_naming_the_argument(name):
     q, k, v = _qkv(2, 2, 12, 16, torch.float64, m=m)
     params = _params(m, 2, 2, 12, 16)
     _, state = m.scan(q, k, v, **params)
-    tok = {n: (x[:, :, 0] if _per_token(m, n) else x) for n, x in params.items()}
+    tok = token_params(m, params, 0)
     with pytest.raises(TypeError, match="state"):
         m.step({"S": 1}, q[:, :, 0], k[:, :, 0], v[:, :, 0], **tok)
     with pytest.raises(ValueError, match="state"):

@@ -45,7 +45,7 @@ def effective_flops(call: Call, direction: str, pairs: int) -> float:
 
 def own_count(call: Call):
     """The mechanism's own forward-FLOP function (``m.flops``), or None: count by area."""
-    return getattr(call.mechanism, "flops", None)
+    return call.mechanism.flops
 
 
 def count(call: Call, direction: str) -> Tuple[float, Optional[int]]:

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from .. import catalogue
+from ..recurrent import token_params
 from ..reference import causal_mask
 from ..patterns import executor as ex
 from ..patterns.neighborhood import simulate_tiles
@@ -258,16 +259,12 @@ def _measure_step(case: Case, settings: Settings, res: Result, dl: _Deadline, me
                            "(--patterns causal_self, impl auto or recurrent)")
     q, k, v, _, params = make_inputs(case, settings.seed)
     L = case.kv_len - 1
-    per_token = {p.name for p in mech.params if p.per_token}
-    prefix = {n: (x[:, :, :L] if n in per_token and isinstance(x, torch.Tensor) else x) for n, x in params.items()}
-    token = {n: (x[:, :, L] if n in per_token and isinstance(x, torch.Tensor) else x) for n, x in params.items()}
+    prefix, token = token_params(mech, params, slice(0, L)), token_params(mech, params, L)
     dl.stage = "the prefill (not timed)"
     with torch.no_grad():
         _, state = mech.scan(q[:, :, :L], k[:, :, :L], v[:, :, :L], impl="chunked", **prefix)
     one = slice(L, L + 1)
-    call = mech.prepare(q[:, :, one], k[:, :, one], v[:, :, one], causal=True,
-                        **{n: (x[:, :, one] if n in per_token and isinstance(x, torch.Tensor) else x)
-                           for n, x in params.items()})
+    call = mech.prepare(q[:, :, one], k[:, :, one], v[:, :, one], causal=True, **token_params(mech, params, one))
     res.impl_used = "recurrent"
     res.metrics["state_floats"] = (float(state.floats), "floats")
 
@@ -387,10 +384,9 @@ def _measure_calls(case: Case, settings: Settings, res: Result, dl: _Deadline, c
         res.metrics["unmasked_pairs"] = (float(pairs), "pairs")
         res.metrics["density"] = (pairs / (call.batch * call.q_heads * call.q_len * call.kv_len), "fraction")
     res.metrics["effective_flops"] = (fl, "FLOP")
-    state_size = getattr(call.mechanism, "state_size", None)
-    if callable(state_size):
-        res.metrics["state_size_floats"] = (float(state_size(call.q_heads, call.head_dim, call.value_dim,
-                                                              **call.params)), "floats")
+    if call.mechanism.state_size is not None:
+        res.metrics["state_size_floats"] = (float(call.mechanism.state_size(call.q_heads, call.head_dim,
+                                                                            call.value_dim, **call.params)), "floats")
     if not case.is_baseline() and not external.is_external(case):
         dl.stage = "simulating tiles"
         rep = tile_bounds(call)

@@ -56,7 +56,7 @@ import torch
 
 from .. import reference as R
 from ..catalogue import Call, Implementation, Mechanism, register
-from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, accum_dtype, check_offsets, run_form
+from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, run_form
 
 NAME = "aaren"
 Elems = Tuple[torch.Tensor, ...]
@@ -143,7 +143,7 @@ def shared_query(q: torch.Tensor, arg: str = "q") -> torch.Tensor:
 def _state_query(q: torch.Tensor, state: Optional[State], arg: str = "q") -> torch.Tensor:
     """The call's query (accumulation dtype); when continuing a state, the state's (checked equal to the call's),
     so that gradients w.r.t. the query reach the row that started the sequence, as in every form."""
-    query = shared_query(q, arg).to(accum_dtype(q.dtype))
+    query = shared_query(q, arg).to(R.compute_dtype(q.dtype))
     if state is None or state.length == 0:
         return query
     kept = state["query"]
@@ -173,7 +173,7 @@ def _parallel(call: Call, q, k, v):
 
 
 def _chunked(call: Call, q, k, v, state: Optional[State]):
-    dt = accum_dtype(q.dtype)
+    dt = R.compute_dtype(q.dtype)
     query = _state_query(q, state)
     elems = tokens(query, k.to(dt), v.to(dt), call.scale)
     carry = None if state is None or state.length == 0 else (state["m"], state["u"], state["w"])
@@ -186,7 +186,7 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
 
 
 def _step(call: Call, state: State, q_t, k_t, v_t):
-    dt = accum_dtype(q_t.dtype)
+    dt = R.compute_dtype(q_t.dtype)
     query = _state_query(q_t[:, :, None], state, "q_t")
     tok = tokens(query, k_t.to(dt)[:, :, None], v_t.to(dt)[:, :, None], call.scale)
     tok = tuple(x[:, :, 0] for x in tok)
@@ -202,7 +202,7 @@ def _noncausal_recurrent(call: Call, q, k, v):
 
 
 def _init(call: Call, batch: int, heads: int, dtype, device) -> State:
-    dt = accum_dtype(dtype)
+    dt = R.compute_dtype(dtype)
     z = lambda *s: torch.zeros(batch, heads, *s, dtype=dt, device=device)  # noqa: E731
     return State(NAME, {"query": z(call.head_dim), "m": torch.full((batch, heads), float("-inf"), dtype=dt,
                                                                    device=device),

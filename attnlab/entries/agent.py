@@ -51,7 +51,8 @@ from typing import Mapping
 import torch
 
 from ..catalogue import Call, Mechanism, Param, register
-from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, accum_dtype, check_offsets, forms
+from ..reference import compute_dtype
+from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, forms
 
 #: Agents pooled from the queries when neither ``n_agents`` nor ``agents`` says otherwise.
 DEFAULT_AGENTS = 16
@@ -77,7 +78,7 @@ def agent_count(params: Mapping) -> int:
 
 def agent_tokens(call: Call, q: torch.Tensor) -> torch.Tensor:
     """``A`` (B, H, n, D) in the accumulation dtype: the given agents, or the queries pooled to n."""
-    dt = accum_dtype(q.dtype)
+    dt = compute_dtype(q.dtype)
     B, H = q.shape[:2]
     given = call.params.get("agents")
     if given is not None:
@@ -127,7 +128,7 @@ def _parallel(call: Call, q, k, v):
 # State: a running softmax over keys per agent
 # --------------------------------------------------------------------------------------------
 def _init(call: Call, batch: int, heads: int, dtype, device) -> State:
-    dt, n = accum_dtype(dtype), agent_count(call.params)
+    dt, n = compute_dtype(dtype), agent_count(call.params)
     return State("agent", {"max": torch.full((batch, heads, n), float("-inf"), dtype=dt, device=device),
                            "sum": torch.zeros(batch, heads, n, dtype=dt, device=device),
                            "wsum": torch.zeros(batch, heads, n, call.value_dim, dtype=dt, device=device)}, 0)

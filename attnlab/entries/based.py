@@ -48,7 +48,7 @@ import torch
 from .. import linear as K
 from .. import reference as R
 from ..catalogue import Call, Mechanism, Param, mechanism, register
-from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, accum_dtype, check_offsets, check_per_token, forms
+from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, check_per_token, forms
 
 #: Normalizer epsilon of the linear part (hazyresearch/based LinearAttention default); see the docstring.
 EPS = 1e-12
@@ -122,7 +122,7 @@ def _window(call: Call, q, k, v):
 
 
 def _linear(call: Call, q, k, v):
-    dt = accum_dtype(q.dtype)
+    dt = R.compute_dtype(q.dtype)
     d = call.params["feature_dim"]
     return taylor_features(q.to(dt), d), taylor_features(k.to(dt), d), K.with_ones(v.to(dt), True)
 
@@ -140,7 +140,7 @@ def _cache_len(call: Call) -> int:
 
 
 def _init(call: Call, batch: int, heads: int, dtype, device) -> State:
-    dt, W = accum_dtype(dtype), _cache_len(call)
+    dt, W = R.compute_dtype(dtype), _cache_len(call)
     return State("based", {
         "S": torch.zeros(batch, heads, _features(call), call.value_dim + 1, dtype=dt, device=device),
         "k": torch.zeros(batch, heads, W, call.head_dim, dtype=dt, device=device),

@@ -40,7 +40,8 @@ import torch
 
 from .. import linear as K
 from ..catalogue import Call, Mechanism, Param, register
-from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, accum_dtype, check_offsets, check_per_token, forms
+from ..reference import compute_dtype
+from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, check_per_token, forms
 
 #: GLA's gate-logit normalizer τ: α = σ(x)^(1/τ) (Yang et al. 2024, section 4.4; ViG uses the same).
 GATE_NORMALIZER = 16.0
@@ -84,7 +85,7 @@ def _check(call: Call) -> None:
 
 def _prep(call: Call, q, k, v):
     """Queries scaled, everything in the accumulation dtype; gates expanded to (B, H, Lk, Dk)."""
-    dt = accum_dtype(q.dtype)
+    dt = compute_dtype(q.dtype)
     B, H, Lk, D = k.shape
 
     def gates(n):
@@ -111,7 +112,7 @@ def _parallel(call: Call, q, k, v):
 
 
 def _init(call: Call, batch: int, heads: int, dtype, device) -> State:
-    return State("gla", {"S": torch.zeros(batch, heads, call.head_dim, call.value_dim, dtype=accum_dtype(dtype),
+    return State("gla", {"S": torch.zeros(batch, heads, call.head_dim, call.value_dim, dtype=compute_dtype(dtype),
                                           device=device)}, 0)
 
 

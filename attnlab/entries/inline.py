@@ -48,7 +48,8 @@ import torch.nn.functional as F
 
 from .. import linear as K
 from ..catalogue import Call, Mechanism, Param, register
-from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, accum_dtype, check_offsets, forms
+from ..reference import compute_dtype
+from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, forms
 
 FEATURE_MAPS = ("identity", "relu", "leakyrelu", "exp")
 
@@ -93,7 +94,7 @@ def local_term(W: torch.Tensor, v: torch.Tensor, centres: torch.Tensor, causal: 
 
 
 def _mapped(call: Call, q, k):
-    dt = accum_dtype(q.dtype)
+    dt = compute_dtype(q.dtype)
     return features(call, q.to(dt)), features(call, k.to(dt))
 
 
@@ -125,7 +126,7 @@ def _parallel(call: Call, q, k, v):
 # Chunked and recurrent forms
 # --------------------------------------------------------------------------------------------
 def _init(call: Call, batch: int, heads: int, dtype, device) -> State:
-    dt, D, Dv = accum_dtype(dtype), call.head_dim, call.value_dim
+    dt, D, Dv = compute_dtype(dtype), call.head_dim, call.value_dim
     tensors = {"S": torch.zeros(batch, heads, D, Dv + 1, dtype=dt, device=device),
                "vsum": torch.zeros(batch, heads, Dv, dtype=dt, device=device)}
     W = call.params.get("local_weights")

@@ -15,7 +15,8 @@ import torch
 from .. import linear as K
 from ..catalogue import Call, Mechanism, Param, register
 from ..patterns.mods import alibi_slopes
-from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, accum_dtype, check_offsets, check_per_token, forms
+from ..reference import compute_dtype
+from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, check_per_token, forms
 
 FEATURE_MAPS = ("elu+1", "relu", "identity", "favor+", "cosformer")
 
@@ -74,7 +75,7 @@ def kernel_entry(name: str, *, paper: str, summary: str, formula: str, params, p
     """Register a kernelized linear-attention entry; see the module docstring."""
 
     def mapped(call, q, k, pos0: int):
-        dt = accum_dtype(q.dtype)
+        dt = compute_dtype(q.dtype)
         Lq, Lk = q.shape[2], k.shape[2]
         pk = torch.arange(Lk, device=k.device) + pos0
         fq = features(call, q.to(dt), pk[-1] - Lq + 1 + torch.arange(Lq, device=q.device), True)
@@ -120,7 +121,7 @@ def kernel_entry(name: str, *, paper: str, summary: str, formula: str, params, p
         return out(call, raw, v)
 
     def init(call, batch, heads, dtype, device):
-        S = torch.zeros(batch, heads, feature_dim(call), call.value_dim + normalize(call), dtype=accum_dtype(dtype),
+        S = torch.zeros(batch, heads, feature_dim(call), call.value_dim + normalize(call), dtype=compute_dtype(dtype),
                         device=device)
         return State(name, {"S": S}, 0)
 

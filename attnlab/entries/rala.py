@@ -41,13 +41,14 @@ import torch.nn.functional as F
 
 from .. import linear as K
 from ..catalogue import Call, Mechanism, Param, register
-from ..recurrent import OFFSETS, Recurrence, accum_dtype, check_offsets, forms
+from ..reference import compute_dtype
+from ..recurrent import OFFSETS, Recurrence, check_offsets, forms
 
 EPS = Param("eps", "float", 1e-6, "added to the normalizer Σ_j α_j φ(q_i)·φ(k_j) (the official code's 1e-6)", ge=0.0)
 
 
 def _mapped(q, k):
-    dt = accum_dtype(q.dtype)
+    dt = compute_dtype(q.dtype)
     return F.elu(q.to(dt)) + 1, F.elu(k.to(dt)) + 1
 
 

@@ -56,7 +56,7 @@ import torch
 
 from .. import reference as R
 from ..catalogue import Call, Mechanism, Param, register
-from ..recurrent import OFFSETS, Recurrence, State, accum_dtype, check_offsets, check_per_token, forms
+from ..recurrent import OFFSETS, Recurrence, State, check_offsets, check_per_token, forms
 from .aaren import prefix_scan
 
 NAME = "rat"
@@ -169,7 +169,7 @@ def _finals(s: torch.Tensor, L: int, chunk: int) -> torch.Tensor:
 # The three forms (GQA expanded, causal cross aligned by attnlab.recurrent)
 # --------------------------------------------------------------------------------------------
 def _parallel(call: Call, q, k, v):
-    dt, C = accum_dtype(q.dtype), call.params["chunk"]
+    dt, C = R.compute_dtype(q.dtype), call.params["chunk"]
     gk, gv = _gates(call, dt)
     sk, sv = lag_summaries(k.to(dt), gk, C), lag_summaries(v.to(dt), gv, C)
     Lq, Lk = q.shape[2], k.shape[2]
@@ -184,7 +184,7 @@ def _parallel(call: Call, q, k, v):
 
 
 def _chunked(call: Call, q, k, v, state: Optional[State]):
-    dt, C = accum_dtype(q.dtype), call.params["chunk"]
+    dt, C = R.compute_dtype(q.dtype), call.params["chunk"]
     gk, gv = _gates(call, dt)
     k, v, qq = k.to(dt), v.to(dt), q.to(dt)
     if not call.causal:
@@ -226,7 +226,7 @@ def _absorb(state: State, C: int, k_t, v_t, gk, gv) -> State:
 
 
 def _step(call: Call, state: State, q_t, k_t, v_t):
-    dt = accum_dtype(q_t.dtype)
+    dt = R.compute_dtype(q_t.dtype)
     gk, gv = (_at(g, 0) for g in _gates(call, dt))
     state = _absorb(state, call.params["chunk"], k_t.to(dt), v_t.to(dt), gk, gv)
     keys = torch.cat([state["keys"], state["key"][:, :, None]], 2)
@@ -236,7 +236,7 @@ def _step(call: Call, state: State, q_t, k_t, v_t):
 
 
 def _noncausal_recurrent(call: Call, q, k, v):
-    dt = accum_dtype(q.dtype)
+    dt = R.compute_dtype(q.dtype)
     gk, gv = _gates(call, dt)
     state = _init(call, q.shape[0], q.shape[1], q.dtype, q.device)
     for t in range(k.shape[2]):
@@ -247,7 +247,7 @@ def _noncausal_recurrent(call: Call, q, k, v):
 
 
 def _init(call: Call, batch: int, heads: int, dtype, device) -> State:
-    z = lambda *s: torch.zeros(batch, heads, *s, dtype=accum_dtype(dtype), device=device)  # noqa: E731
+    z = lambda *s: torch.zeros(batch, heads, *s, dtype=R.compute_dtype(dtype), device=device)  # noqa: E731
     D, Dv = call.head_dim, call.value_dim
     return State(NAME, {"keys": z(0, D), "values": z(0, Dv), "key": z(D), "value": z(Dv)}, 0)
 

@@ -50,7 +50,8 @@ import torch
 
 from .. import memory as mem
 from ..catalogue import Call, Mechanism, Param, mechanism, register
-from ..recurrent import OFFSETS, Recurrence, State, accum_dtype, check_offsets, check_per_token, forms
+from ..reference import compute_dtype
+from ..recurrent import OFFSETS, Recurrence, State, check_offsets, check_per_token, forms
 
 NAME = "titans"
 RATES = (("theta", "theta_t"), ("eta", "eta_t"), ("alpha", "alpha_t"))
@@ -78,7 +79,7 @@ def _rates(call: Call, dt, start: int, stop: int):
 
 
 def _prep(call: Call, q, k, v):
-    dt = accum_dtype(q.dtype)
+    dt = compute_dtype(q.dtype)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if call.params["qk_norm"]:
         q, k = mem.normalize(q), mem.normalize(k)
@@ -94,7 +95,7 @@ def _named(prefix: str, ws):
 
 
 def _init(call: Call, batch: int, heads: int, dtype, device) -> State:
-    dt = accum_dtype(dtype)
+    dt = compute_dtype(dtype)
     given = call.params.get("init_weights")
     if given is not None:  # (P,) or (Hq, P)
         layers = mem.unflatten(given.to(dt), dims(call))
@@ -317,7 +318,7 @@ def _read(call: Call, state: Optional[State], q: torch.Tensor) -> torch.Tensor:
     """``M_W(q)`` with the weights of ``state`` (None: the initial memory), without a write."""
     if state is None:
         state = _init(call, q.shape[0], q.shape[1], q.dtype, q.device)
-    x = q.to(accum_dtype(q.dtype))
+    x = q.to(compute_dtype(q.dtype))
     if call.params["qk_norm"]:
         x = mem.normalize(x)
     return mem.apply(_unpack(state)[0], x, call.params["activation"]).to(q.dtype)

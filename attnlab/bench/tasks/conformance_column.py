@@ -35,6 +35,7 @@ import torch
 from ...catalogue import Mechanism, mechanism as _lookup
 from ...conformance import run_checks
 from ...models import input_width
+from ...recurrent import token_params
 
 B, L = 2, 12
 ATOL = 1e-9
@@ -89,12 +90,6 @@ def _inputs(m: Mechanism, params: dict, heads: int, head_dim: int, value_dim: in
     return q, k, v, params
 
 
-def _sliced(m: Mechanism, params: dict, index) -> dict:
-    """Per-token tensor parameters (``Param.per_token``) indexed on their key axis (axis 2)."""
-    names = {p.name for p in m.params if getattr(p, "per_token", False)}
-    return {n: (x[:, :, index] if n in names and isinstance(x, torch.Tensor) else x) for n, x in params.items()}
-
-
 def _compare(a: torch.Tensor, ref: torch.Tensor) -> Tuple[bool, float, float]:
     if a.shape != ref.shape:
         return False, float("inf"), 0.0
@@ -117,7 +112,7 @@ def incremental_decoding(mechanism, params: Optional[Mapping[str, Any]] = None, 
         how = "recurrent step"
         outs, state = [], None
         for t in range(L):
-            o, state = m.step(state, q[:, :, t], k[:, :, t], v[:, :, t], **_sliced(m, params, t))
+            o, state = m.step(state, q[:, :, t], k[:, :, t], v[:, :, t], **token_params(m, params, t))
             outs.append(o)
         inc = torch.stack(outs, dim=2)
     elif "causal_cross" in m.patterns:
@@ -126,7 +121,7 @@ def incremental_decoding(mechanism, params: Optional[Mapping[str, Any]] = None, 
         for i in range(L):
             try:
                 outs.append(m(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], causal=True,
-                              **_sliced(m, params, slice(0, i + 1))))
+                              **token_params(m, params, slice(0, i + 1))))
             except (ValueError, TypeError) as e:
                 return None, f"{how}: the parameters are not valid on the prefix 0..{i}: {e}"
         inc = torch.cat(outs, dim=2)

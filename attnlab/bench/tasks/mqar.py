@@ -103,9 +103,8 @@ def state_size(mech, heads: int, head_dim: int, value_dim: int, seq_len: int,
     """
     m = _mechanism(mech)
     params = dict(params or {})
-    own = getattr(m, "state_size", None)
-    if callable(own):
-        return float(own(heads, head_dim, value_dim, **params))
+    if m.state_size is not None:
+        return float(m.state_size(heads, head_dim, value_dim, **params))
     resolved = m.normalize_params(params)
     n = seq_len
     if "window" in resolved and isinstance(resolved["window"], int):
