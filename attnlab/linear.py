@@ -27,7 +27,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .reference import causal_mask
+from . import native as _native
+from .reference import causal_mask, compute_dtype
 from .recurrent import SPAN  # tokens computed at once (whole chunks); the state carries across spans
 #: Largest total log gate within a chunk for the one-GEMM gated path (exp(±range) stays far inside
 #: the accumulation dtype: ~1e26 in float32); chunks with stronger decay take the (C, C, F) path.
@@ -114,9 +115,14 @@ def chunked(fq, fk, v, S, *, chunk: int, log_decay=None, log_gates=None) -> Tupl
     Spans of about :data:`SPAN` tokens (whole chunks) are computed one after another, each with all
     its chunks at once and the state carried between spans, so the working set stays in cache and
     does not grow with L (throughput at 32K tokens equals throughput at 1K). A remainder shorter
-    than a chunk is one last chunk.
+    than a chunk is one last chunk. Without gates, on CPU and with no gradient to record, the fused
+    C++ kernel (:func:`attnlab.native.linear_chunks`) computes the same thing.
     """
     B, H, L, F = fq.shape
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (fq, fk, v, S, log_decay))
+    if log_gates is None and S.dtype == fq.dtype and _native.unsupported(fq.device, fq.dtype, grad) is None:
+        S = S.clone(memory_format=torch.contiguous_format)
+        return _native.linear_chunks(fq, fk, v, S, log_decay, chunk), S
     per = chunk * max(1, SPAN // chunk)
     consts = {}
     outs = []
@@ -138,6 +144,12 @@ def chunked(fq, fk, v, S, *, chunk: int, log_decay=None, log_gates=None) -> Tupl
         outs.append(o.reshape(B, H, b - a, -1))
         a = b
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0], S
+
+
+def fused(call) -> bool:
+    """True when :func:`chunked` runs the C++ kernel for this call (CPU, float32/float64 compute, no
+    autograd; the caller passes no gates)."""
+    return _native.unsupported(call.device, compute_dtype(call.dtype), call.requires_grad) is None
 
 
 def _decay_consts(lam: torch.Tensor, C: int):
@@ -232,4 +244,4 @@ def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int 
     return fwd + bwd - diag
 
 
-__all__ = ["chunked", "finish", "noncausal", "parallel", "scan_recurrent", "step", "weights", "with_ones"]
+__all__ = ["chunked", "finish", "fused", "noncausal", "parallel", "scan_recurrent", "step", "weights", "with_ones"]

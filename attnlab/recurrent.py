@@ -82,6 +82,9 @@ class Recurrence:
     example: absorb every key into the state, then read it out per query); required when the
     entry declares a non-causal pattern.
     ``state_size(heads, head_dim, value_dim, **params) -> int``: floats per layer.
+    ``fused(call) -> bool``: True when ``chunked`` runs as one fused kernel on this call (the C++
+    kernel of :mod:`attnlab.native`), which keeps its own working set in cache: the call is then
+    not cut into spans.
     """
 
     parallel: Callable
@@ -90,6 +93,7 @@ class Recurrence:
     init: Callable
     state_size: Callable
     noncausal_recurrent: Optional[Callable] = None
+    fused: Optional[Callable] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +196,7 @@ def _spans(rec: Recurrence, call: Call, q, k, v, state):
     L = q.shape[2]
     chunk = call.params.get("chunk_size") or 1
     span = max(chunk, SPAN // chunk * chunk)
-    if L <= span:
+    if L <= span or (rec.fused is not None and rec.fused(call)):
         return rec.chunked(call, q, k, v, state)
     names = _per_token(call.mechanism)
     out = None

@@ -300,7 +300,7 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from . import gemm, output, taskcases
-    from .meta import alive, loadavg, owner, run_metadata
+    from .meta import alive, loadavg, owner, run_metadata, tune_malloc
 
     out = output.console()
     try:
@@ -318,6 +318,7 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
     except (RuntimeError, OSError, sqlite3.Error) as exc:
         print(f"attnlab bench: cannot use --store {args.store}: {exc}", file=sys.stderr)
         return 2
+    tune_malloc()
     old_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,8 +16,40 @@ import attnlab
 from .store import now
 
 #: Environment variables that change what a benchmark measures.
-ENV_VARS = ("ATTNLAB_FLEX_COMPILE", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCHINDUCTOR_CACHE_DIR",
-            "TORCH_COMPILE_DISABLE", "TORCHINDUCTOR_FREEZING")
+ENV_VARS = ("ATTNLAB_FLEX_COMPILE", "ATTNLAB_NATIVE", "ATTNLAB_BENCH_MALLOC", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+            "TORCHINDUCTOR_CACHE_DIR", "TORCH_COMPILE_DISABLE", "TORCHINDUCTOR_FREEZING", "MALLOC_MMAP_THRESHOLD_",
+            "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+
+#: glibc mallopt settings of a benchmark process (see :func:`tune_malloc`).
+_MALLOC_SETTINGS = {"M_MMAP_THRESHOLD": (-3, 1 << 30), "M_TRIM_THRESHOLD": (-1, (1 << 31) - 1)}
+_MALLOC: Dict[str, Any] = {}
+
+
+def tune_malloc() -> Dict[str, Any]:
+    """Make glibc keep freed memory for reuse instead of returning every large block to the OS.
+
+    By default glibc serves each allocation above its mmap threshold (at most 32 MiB) with a fresh
+    mapping and unmaps it on free, so every call that allocates a large output pays a page fault
+    per 4 KiB page: about 3-4 GB/s on this project's VM, which at L=32K costs more than some
+    kernels' arithmetic. Production PyTorch CPU deployments avoid this with jemalloc/tcmalloc;
+    the benchmark raises the thresholds instead (same effect, nothing to install), once for the
+    whole run, so every case, the SDPA baseline included, is measured alike. The setting is
+    recorded in the run's metadata; ``ATTNLAB_BENCH_MALLOC=default`` leaves glibc as it is.
+    """
+    if _MALLOC:
+        return _MALLOC
+    if os.environ.get("ATTNLAB_BENCH_MALLOC", "tuned") == "default":
+        _MALLOC["mode"] = "default (ATTNLAB_BENCH_MALLOC=default)"
+        return _MALLOC
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        done = {name: value for name, (param, value) in _MALLOC_SETTINGS.items() if libc.mallopt(param, value) == 1}
+        _MALLOC.update(mode="tuned", **done)
+    except (OSError, AttributeError):  # not glibc
+        _MALLOC["mode"] = "default (no glibc mallopt)"
+    return _MALLOC
 
 
 def git_state(path: Optional[Path] = None) -> Tuple[Optional[str], Optional[bool]]:
@@ -103,6 +135,13 @@ def alive(who: Dict[str, Any]) -> bool:
     return started is not None and (who.get("pid_start") is None or started == who["pid_start"])
 
 
+def native_state() -> str:
+    """Whether attnlab's C++ kernels were in use, or why not."""
+    from attnlab import native
+
+    return native.unavailable() or "built"
+
+
 def run_metadata(*, seed: int, preset: Optional[str], argv: Sequence[str], config: Dict[str, Any]) -> Dict[str, Any]:
     commit, dirty = git_state()
     return {
@@ -121,6 +160,8 @@ def run_metadata(*, seed: int, preset: Optional[str], argv: Sequence[str], confi
         "argv": list(argv),
         "config": config,
         "torch_config": torch.__config__.show(),
-        "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
+        # the environment variables that change measurements, and two settings of the process
+        "env": {**{k: os.environ[k] for k in ENV_VARS if k in os.environ}, "malloc": dict(_MALLOC) or None,
+                "attnlab_native": native_state()},
         "loadavg": loadavg(),
     }

@@ -151,7 +151,7 @@ def kernel_entry(name: str, *, paper: str, summary: str, formula: str, params, p
             check(call)
 
     rec = Recurrence(parallel=parallel, chunked=chunked, step=step, init=init, state_size=state_size,
-                     noncausal_recurrent=noncausal_recurrent)
+                     noncausal_recurrent=noncausal_recurrent, fused=K.fused)
     return register(Mechanism(
         name=name, family="linear", paper=paper, summary=summary, formula=formula, layout="sequence",
         patterns=patterns, params=tuple(params) + (CHUNK_SIZE, OFFSETS), impls=forms(), check_params=checks,

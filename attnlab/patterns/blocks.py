@@ -5,7 +5,9 @@ A tile is *empty* when no pair in it is visible (skipped), *full* when every pai
 ``BlockMask`` holds, computed here directly from the mask function on broadcast index grids,
 a few query rows at a time so memory stays bounded by ``O(rows * Lk)`` rather than
 ``O(Lq * Lk)``. The same structure drives the tiled PyTorch implementation, the FlexAttention
-kernel, the benchmark's count of unmasked pairs and the GNA tile simulator.
+kernel, the benchmark's count of unmasked pairs and the GNA tile simulator. The same pass also
+records each query's first and last visible key, and whether its visible keys are one range:
+what the ``native`` C++ kernel (:func:`attnlab.native.range_attention`) runs on.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ class BlockStructure:
     full: torch.Tensor  # (Bm, Hm, NQ, NK) bool: tile fully visible
     any: torch.Tensor  # (Bm, Hm, NQ, NK) bool: tile has at least one visible pair
     pairs: int  # visible (query, key) pairs summed over the (Bm, Hm) leading dims
+    start: torch.Tensor  # (Bm, Hm, Lq) int64: first visible key of each query (0 when it sees none)
+    end: torch.Tensor  # (Bm, Hm, Lq) int64: one past its last visible key (0 when it sees none)
+    contiguous: bool  # every query's visible keys form one range [start, end)
 
     @property
     def grid(self) -> tuple:
@@ -93,13 +98,23 @@ def compute(
     b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
     h = torch.arange(heads, device=device).view(1, heads, 1, 1)
     kv = torch.arange(kv_len, device=device).view(1, 1, 1, kv_len)
+    start = torch.zeros(batch, heads, q_len, dtype=torch.int64, device=device)
+    end = torch.zeros_like(start)
+    contiguous = True
     pad_k = nk * block_k - kv_len
     rows_per_chunk = max(1, _ROW_BUDGET // max(1, kv_len * batch * heads) // block_q) * block_q
     for r0 in range(0, q_len, rows_per_chunk):
         r1 = min(q_len, r0 + rows_per_chunk)
         q = torch.arange(r0, r1, device=device).view(1, 1, r1 - r0, 1)
         m = torch.as_tensor(mask_mod(b, h, q, kv), device=device).expand(batch, heads, r1 - r0, kv_len)
-        pairs += int(m.sum())
+        count = m.sum(-1)
+        pairs += int(count.sum())
+        first = m.to(torch.uint8).argmax(-1)
+        start[:, :, r0:r1] = torch.where(count > 0, first, 0)
+        end[:, :, r0:r1] = torch.where(count > 0, first + count, 0)
+        if contiguous:  # one run of visible keys per row: at most one False -> True step
+            rises = (m[..., 1:] & ~m[..., :-1]).sum(-1) + m[..., 0]
+            contiguous = bool((rises <= 1).all())
         pad_q = (-(r1 - r0)) % block_q
         m_any = torch.nn.functional.pad(m, (0, pad_k, 0, pad_q), value=False)
         m_all = torch.nn.functional.pad(m, (0, pad_k, 0, pad_q), value=True)
@@ -110,7 +125,7 @@ def compute(
         full[:, :, qb0:qb1] = m_all.view(shape).all(5).all(3)
     full &= any_
     kv_num, kv_idx = _compact(any_)
-    return BlockStructure(q_len, kv_len, block_q, block_k, kv_num, kv_idx, full, any_, pairs)
+    return BlockStructure(q_len, kv_len, block_q, block_k, kv_num, kv_idx, full, any_, pairs, start, end, contiguous)
 
 
 def cached(

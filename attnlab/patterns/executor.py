@@ -2,13 +2,16 @@
 
 A mechanism contributes a :class:`~attnlab.patterns.base.Mask` and/or
 :class:`~attnlab.patterns.base.ScoreMod` (its ``spec``); the executor adds the causal mask
-when the call is causal and runs one of four backends, all computing the same function:
+when the call is causal and runs one of five backends, all computing the same function:
 
 ``reference``  the dense oracle (:mod:`attnlab.reference`) on the materialized mask. O(L^2).
 ``sdpa``       ``torch.nn.functional.scaled_dot_product_attention`` with the materialized
                boolean mask (no score modifiers). O(L^2) mask memory.
 ``tiled``      block-sparse FlashAttention in PyTorch (:mod:`attnlab.tiled`): visits only the
                tiles the mask touches, forward and backward, any device and float dtype.
+``native``     attnlab's C++ kernel (:mod:`attnlab.native`) when every query sees one contiguous
+               range of keys (sliding windows, 1-D neighborhoods, prefix-LM, documents): CPU,
+               float32/float64, forward only. O(visible pairs).
 ``flex``       FlexAttention (``torch.compile``-d by default) with the same block structure.
                On CPU, torch's FlexAttention kernel is inference-only and does not return the
                LSE; it says so instead of falling back.
@@ -27,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from .. import native as _native
 from .. import reference as _ref
 from .. import tiled as _tiled
 from ..catalogue import Call, Implementation
@@ -152,6 +156,13 @@ def run_flex(call: Call, q, k, v):
     return _unpermute(perm, out, lse)
 
 
+def run_native(call: Call, q, k, v):
+    mask, _ = plan(call)
+    st, _ = _structure(call, mask, geometry(call, tiled_order=False))
+    out, lse = _native.range_attention(q, k, v, st.start[0, 0], st.end[0, 0], call.scale)
+    return out, lse
+
+
 def _flex_fn():
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -199,6 +210,22 @@ def _flex_supports(call: Call) -> Optional[str]:
     return None
 
 
+def _native_supports(call: Call) -> Optional[str]:
+    mask, score = plan(call)
+    if score is not None:
+        return "the C++ range kernel applies no score modifier"
+    if mask is None or mask.key is None:
+        return "the C++ range kernel serves masks of a named pattern"
+    if mask.per_batch or mask.per_head:
+        return "the C++ range kernel takes one mask for every batch and head"
+    reason = _native.unsupported(call.device, call.dtype, call.requires_grad)
+    if reason:
+        return reason
+    if not _structure(call, mask, geometry(call, tiled_order=False))[0].contiguous:
+        return "the C++ range kernel needs each query's visible keys to be one contiguous range"
+    return None
+
+
 def _sdpa_supports(call: Call) -> Optional[str]:
     if call.return_lse:
         return "scaled_dot_product_attention does not return the log-sum-exp"
@@ -208,10 +235,13 @@ def _sdpa_supports(call: Call) -> Optional[str]:
     return None
 
 
+NATIVE = Implementation("native", run_native, _native_supports,
+                        doc="C++ kernel for masks where each query sees one contiguous key range (CPU forward)")
 REFERENCE = Implementation("reference", run_reference, doc="dense oracle on the materialized mask, O(L^2)")
 TILED = Implementation("tiled", run_tiled, doc="block-sparse FlashAttention in PyTorch, forward and backward, O(L)")
 FLEX = Implementation("flex", run_flex, _flex_supports, doc="FlexAttention block-sparse kernel (compiled)")
 SDPA = Implementation("sdpa", run_sdpa, _sdpa_supports, doc="SDPA with the materialized boolean mask, O(L^2)")
 
-#: Preference order for masked mechanisms: the compiled kernel when it serves, else tiled.
-MASKED_IMPLS = (FLEX, TILED, SDPA, REFERENCE)
+#: Preference order for masked mechanisms: the C++ range kernel, then the compiled FlexAttention
+#: kernel, when they serve; else tiled.
+MASKED_IMPLS = (NATIVE, FLEX, TILED, SDPA, REFERENCE)

@@ -1,0 +1,97 @@
+// Causal chunked linear attention with an optional per-head decay (CPU, forward): the same
+// mathematics as attnlab/linear.py's chunked form, fused so that a (batch, head) pair walks its
+// chunks with the state held in cache and nothing of size L is materialized besides the output.
+//
+// Per chunk c of n tokens (t, s = 0..n-1 within the chunk, lam = log decay of the head, <= 0):
+//   scores = (Q_c K_c^T) * W,   W[t][s] = exp(lam (t - s)) for s <= t, else 0
+//   out_c  = scores V_c + (Q_c * exp(lam (t + 1))) S
+//   S      = exp(lam n) S + (K_c * exp(lam (n - 1 - s)))^T V_c
+// Four small GEMMs per chunk (attnlab::gemm). (batch, head) pairs run in parallel on torch's
+// thread pool.
+#include "native.h"
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+template <typename T>
+void chunks(const T* q, const T* k, const T* v, const T* lam, T* state, T* out, int64_t BH, int64_t H,
+            int64_t L, int64_t F, int64_t Dv, int64_t C) {
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<T> kt(F * C), scores(C * C), qs(C * F), w(C * C), qdecay(C), kdecay(C);
+    for (int64_t bh = begin; bh < stop; ++bh) {
+      const T l = lam ? lam[bh % H] : T(0);
+      T* S = state + bh * F * Dv;
+      int64_t built = -1;  // chunk length the decay tables were built for
+      for (int64_t c0 = 0; c0 < L; c0 += C) {
+        const int64_t n = std::min(C, L - c0);
+        if (n != built) {
+          for (int64_t t = 0; t < n; ++t) {
+            for (int64_t s = 0; s < n; ++s) w[t * n + s] = s <= t ? std::exp(l * T(t - s)) : T(0);
+            qdecay[t] = std::exp(l * T(t + 1));
+            kdecay[t] = std::exp(l * T(n - 1 - t));
+          }
+          built = n;
+        }
+        const T* qc = q + (bh * L + c0) * F;
+        const T* kc = k + (bh * L + c0) * F;
+        const T* vc = v + (bh * L + c0) * Dv;
+        T* oc = out + (bh * L + c0) * Dv;
+        for (int64_t s = 0; s < n; ++s)
+          for (int64_t f = 0; f < F; ++f) kt[f * n + s] = kc[s * F + f];
+        attnlab::gemm(n, n, F, qc, F, kt.data(), n, false, scores.data(), n);
+        for (int64_t x = 0; x < n * n; ++x) scores[x] *= w[x];
+        attnlab::gemm(n, Dv, n, scores.data(), n, vc, Dv, false, oc, Dv);
+        const T* qread = qc;
+        if (l != T(0)) {
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t f = 0; f < F; ++f) qs[t * F + f] = qc[t * F + f] * qdecay[t];
+          qread = qs.data();
+          for (int64_t f = 0; f < F; ++f)
+            for (int64_t s = 0; s < n; ++s) kt[f * n + s] *= kdecay[s];
+        }
+        attnlab::gemm(n, Dv, F, qread, F, S, Dv, true, oc, Dv);
+        if (l != T(0)) {
+          const T across = std::exp(l * T(n));
+          for (int64_t x = 0; x < F * Dv; ++x) S[x] *= across;
+        }
+        attnlab::gemm(F, Dv, n, kt.data(), n, vc, Dv, true, S, Dv);
+      }
+    }
+    attnlab::gemm_done();
+  });
+}
+
+}  // namespace
+
+// q, k: (B, H, L, F); v: (B, H, L, Dv); state: (B, H, F, Dv), updated in place; log_decay: (H,) or
+// undefined. Returns the raw output (B, H, L, Dv).
+torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor state,
+                            c10::optional<torch::Tensor> log_decay, int64_t chunk) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4, "q, k must be (B, H, L, F), v (B, H, L, Dv)");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
+                  q.scalar_type() == state.scalar_type(), "q, k, v, state dtypes differ");
+  TORCH_CHECK(state.is_contiguous(), "state must be contiguous (it is updated in place)");
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  q = q.contiguous();
+  k = k.contiguous();
+  v = v.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), F = q.size(3), Dv = v.size(3);
+  TORCH_CHECK(state.size(0) == B && state.size(1) == H && state.size(2) == F && state.size(3) == Dv,
+              "state must be (B, H, F, Dv)");
+  auto out = torch::empty({B, H, L, Dv}, q.options());
+  torch::Tensor lam;
+  if (log_decay.has_value() && log_decay->defined()) {
+    lam = log_decay->to(q.scalar_type()).contiguous();
+    TORCH_CHECK(lam.numel() == H, "log_decay must have one entry per head");
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "linear_chunks", [&] {
+    chunks<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                     lam.defined() ? lam.data_ptr<scalar_t>() : nullptr, state.data_ptr<scalar_t>(),
+                     out.data_ptr<scalar_t>(), B * H, H, L, F, Dv, chunk);
+  });
+  return out;
+}

@@ -1,0 +1,38 @@
+// attnlab's CPU kernels (forward only): declarations shared by the kernels and the bindings.
+#pragma once
+#include <ATen/native/CPUBlas.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+std::vector<torch::Tensor> range_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor start,
+                                           torch::Tensor end, double scale, int64_t block_q, int64_t chunk);
+
+torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor state,
+                            c10::optional<torch::Tensor> log_decay, int64_t chunk);
+
+extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+                       const double*, const int*, const double*, const int*, const double*, double*, const int*);
+
+namespace attnlab {
+
+// Row-major C (m x n, row stride ldc) = A (m x k) . B (k x n), plus C when `add`. Single-threaded:
+// the kernels call it from inside torch's parallel region. Float goes to oneDNN's BRGEMM
+// micro-kernel through ATen (what torch's own CPU attention kernels use; about 1.2x a BLAS sgemm
+// call at these block sizes), double to BLAS dgemm (column-major: C^T = B^T A^T).
+inline void gemm(int m, int n, int k, const float* a, int lda, const float* b, int ldb, bool add, float* c,
+                 int ldc) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, /*is_vnni=*/false);
+}
+
+inline void gemm(int m, int n, int k, const double* a, int lda, const double* b, int ldb, bool add, double* c,
+                 int ldc) {
+  const char t = 'N';
+  const double one = 1, beta = add ? 1 : 0;
+  dgemm_(&t, &t, &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+// Call at the end of each thread's share of a parallel region that used gemm().
+inline void gemm_done() { at::native::cpublas::brgemm_release(); }
+
+}  // namespace attnlab

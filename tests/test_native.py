@@ -1,0 +1,133 @@
+"""attnlab's C++ CPU kernels (attnlab/native.py) against the readable forms they fuse.
+
+``range_attention`` (the ``native`` implementation of masked mechanisms) against the dense oracle,
+output and log-sum-exp; ``linear_chunks`` (inside the chunked form of the linear entries) against the
+quadratic parallel form and the recurrence's state. Both in float64 (to 1e-10) and float32. The
+conformance suite runs ``native`` on every masked entry as well; here are the cases it does not
+reach: rows that see no key, GQA with cross attention, long ranges split into several online-softmax
+steps, chunk remainders, and which calls the kernels decline.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attnlab
+from attnlab import linear as K
+from attnlab import native, reference
+from attnlab.patterns import executor
+
+pytestmark = pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+
+
+def _qkv(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hkv, Lk, Dv, generator=g, dtype=torch.float64).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("Lq,Lk,Hq,Hkv", [(300, 300, 4, 4), (130, 257, 6, 2), (257, 100, 2, 1)])
+def test_range_attention_equals_reference(dtype, tol, Lq, Lk, Hq, Hkv):
+    """Random ranges (some empty, some longer than one online-softmax step) against the oracle."""
+    q, k, v = _qkv(2, Hq, Hkv, Lq, Lk, 16, 8, dtype)
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(0, Lk, (Lq,), generator=g)
+    b = torch.randint(0, Lk + 1, (Lq,), generator=g)
+    start, end = torch.minimum(a, b), torch.maximum(a, b)
+    end[::7] = start[::7]  # rows that see nothing
+    start[5], end[5] = 0, Lk  # a full row
+    j = torch.arange(Lk)
+    mask = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])
+    ref, ref_lse = reference.attention(q, k, v, mask=mask, return_lse=True)
+    old = native.CHUNK
+    try:
+        for chunk in (old, 64):  # one step per row, and several online-softmax steps
+            native.CHUNK = chunk
+            out, lse = native.range_attention(q, k, v, start, end, 16 ** -0.5)
+            torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+            torch.testing.assert_close(lse, ref_lse, atol=tol, rtol=tol)
+    finally:
+        native.CHUNK = old
+    assert torch.all(out[:, :, ::7] == 0) and torch.all(lse[:, :, ::7] == float("-inf"))
+
+
+@pytest.mark.parametrize("name,params,causal,gqa", [
+    ("sliding_window", {"window": 37}, True, True),
+    ("sliding_window", {"window": 37}, False, True),
+    ("neighborhood", {"kernel_size": 21}, False, False),
+    ("neighborhood", {"kernel_size": 21, "is_causal": True}, False, False),
+    ("prefix_lm", {"prefix": 50}, False, False),
+])
+def test_native_is_the_default_on_cpu_and_equals_reference(name, params, causal, gqa):
+    m = attnlab.mechanism(name)
+    q, k, v = _qkv(1, 4, 2 if gqa else 4, 200, 200, 32, 32, torch.float32)
+    assert m.select(m.prepare(q, k, v, causal=causal, **params)).name == "native"
+    out = m(q, k, v, causal=causal, **params)
+    ref = m(q.double(), k.double(), v.double(), causal=causal, impl="reference", **params)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_native_declines_what_it_cannot_serve():
+    sw, sink = attnlab.mechanism("sliding_window"), attnlab.mechanism("sink_window")
+    q, k, v = _qkv(1, 2, 2, 64, 64, 16, 16, torch.float32)
+    why = lambda m, *x, **p: executor.NATIVE.supports(m.prepare(*x, causal=True, **p))  # noqa: E731
+    assert "forward-only" in why(sw, q.clone().requires_grad_(), k, v)
+    assert "float32 or float64" in why(sw, q.half(), k.half(), v.half())
+    assert "contiguous" in why(sink, q, k, v, sinks=2, window=8)
+    assert why(sw, q, k, v) is None
+
+
+def test_disabled_by_environment():
+    code = "from attnlab import native; print(native.unavailable())"
+    env = dict(os.environ, ATTNLAB_NATIVE="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "ATTNLAB_NATIVE=0" in out.stdout
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("decay", [False, True])
+@pytest.mark.parametrize("L,chunk", [(200, 64), (64, 64), (37, 16)])
+def test_linear_chunks_equal_parallel_form_and_recurrence(dtype, tol, decay, L, chunk):
+    """Causal chunked linear attention (remainder chunk included), continuing a non-zero state."""
+    B, H, F, Dv = 2, 3, 8, 5
+    g = torch.Generator().manual_seed(2)
+    fq, fk = (0.3 * torch.randn(B, H, 2 * L, F, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, H, 2 * L, Dv, generator=g, dtype=torch.float64)
+    lam = -torch.rand(H, generator=g, dtype=torch.float64) if decay else None
+    fq, fk, v = fq.to(dtype), fk.to(dtype), v.to(dtype)
+    lam_d = None if lam is None else lam.to(dtype)
+    S0 = torch.zeros(B, H, F, Dv, dtype=dtype)
+    # first half through the Python recurrence, second half through the kernel, continuing its state
+    _, S_half = K.scan_recurrent(fq[:, :, :L], fk[:, :, :L], v[:, :, :L], S0, log_decay=lam_d)
+    S = S_half.clone()
+    out = native.linear_chunks(fq[:, :, L:], fk[:, :, L:], v[:, :, L:], S, lam_d, chunk)
+    whole = K.parallel(fq, fk, v, causal=True, log_decay=lam_d)
+    torch.testing.assert_close(out, whole[:, :, L:], atol=tol, rtol=tol)
+    _, S_end = K.scan_recurrent(fq, fk, v, S0, log_decay=lam_d)
+    torch.testing.assert_close(S, S_end, atol=tol, rtol=tol)
+
+
+def test_chunked_form_uses_the_kernel_only_without_autograd():
+    q, k, v = _qkv(1, 2, 2, 96, 96, 16, 16, torch.float32)
+    m = attnlab.mechanism("lightning")
+    call = m.prepare(q, k, v, causal=True)
+    assert K.fused(call)
+    grad_call = m.prepare(q.requires_grad_(), k, v, causal=True)
+    assert not K.fused(grad_call)
+    out = m(q, k, v, causal=True, impl="chunked")  # Python path (q requires grad): differentiable
+    out.sum().backward()
+    with torch.no_grad():
+        fast = m(q, k, v, causal=True, impl="chunked")
+    torch.testing.assert_close(fast, out.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_native_impl_listed():
+    assert executor.NATIVE in executor.MASKED_IMPLS
+    assert attnlab.mechanism("sliding_window").impl("native") is executor.NATIVE
