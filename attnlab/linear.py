@@ -115,14 +115,15 @@ def chunked(fq, fk, v, S, *, chunk: int, log_decay=None, log_gates=None) -> Tupl
     Spans of about :data:`SPAN` tokens (whole chunks) are computed one after another, each with all
     its chunks at once and the state carried between spans, so the working set stays in cache and
     does not grow with L (throughput at 32K tokens equals throughput at 1K). A remainder shorter
-    than a chunk is one last chunk. Without gates, on CPU and with no gradient to record, the fused
-    C++ kernel (:func:`attnlab.native.linear_chunks`) computes the same thing.
+    than a chunk is one last chunk. On CPU, in float32/float64 and with no gradient to record, the
+    fused C++ kernel (:func:`attnlab.native.linear_chunks`) computes the same thing.
     """
     B, H, L, F = fq.shape
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (fq, fk, v, S, log_decay))
-    if log_gates is None and S.dtype == fq.dtype and _native.unsupported(fq.device, fq.dtype, grad) is None:
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (fq, fk, v, S, log_decay, log_gates))
+    if S.dtype == fq.dtype and _native.unsupported(fq.device, fq.dtype, grad) is None:
         S = S.clone(memory_format=torch.contiguous_format)
-        return _native.linear_chunks(fq, fk, v, S, log_decay, chunk), S
+        return _native.linear_chunks(fq, fk, v, S, log_decay, chunk, log_gates), S
     per = chunk * max(1, SPAN // chunk)
     consts = {}
     outs = []
@@ -148,7 +149,7 @@ def chunked(fq, fk, v, S, *, chunk: int, log_decay=None, log_gates=None) -> Tupl
 
 def fused(call) -> bool:
     """True when :func:`chunked` runs the C++ kernel for this call (CPU, float32/float64 compute, no
-    autograd; the caller passes no gates)."""
+    autograd)."""
     return _native.unsupported(call.device, compute_dtype(call.dtype), call.requires_grad) is None
 
 

@@ -6,8 +6,9 @@ Two forward-only kernels, each the fused form of mathematics that also exists in
 ``range_attention``  exact softmax attention where every query sees one contiguous range of keys
                      (sliding windows, 1-D neighborhoods, causal, prefix-LM, documents): the
                      ``native`` implementation of mask-based mechanisms (:mod:`attnlab.patterns`).
-``linear_chunks``    the causal chunked form of :mod:`attnlab.linear` (no decay or a per-head
-                     decay), walking the chunks of each (batch, head) with the state in cache.
+``linear_chunks``    the causal chunked form of :mod:`attnlab.linear` (no decay, a per-head decay
+                     or GLA's per-channel gates), walking the chunks of each (batch, head) with
+                     the state in cache.
 
 Both do their GEMMs with the micro-kernel torch's own CPU attention uses (oneDNN BRGEMM, through
 ATen) on torch's OpenMP thread pool. The module is compiled with ``torch.utils.cpp_extension``
@@ -104,10 +105,11 @@ def range_attention(q, k, v, start: torch.Tensor, end: torch.Tensor, scale: floa
     return tuple(module().range_attention(q, k, v, start, end, float(scale), BLOCK_Q, CHUNK))
 
 
-def linear_chunks(q, k, v, state: torch.Tensor, log_decay: Optional[torch.Tensor], chunk: int) -> torch.Tensor:
-    """Causal chunked linear attention (see :func:`attnlab.linear.chunked`); ``state`` is updated in
-    place and the raw output returned."""
-    return module().linear_chunks(q, k, v, state, log_decay, int(chunk))
+def linear_chunks(q, k, v, state: torch.Tensor, log_decay: Optional[torch.Tensor], chunk: int,
+                  log_gates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal chunked linear attention (see :func:`attnlab.linear.chunked`), with a per-head decay
+    or per-channel gates; ``state`` is updated in place and the raw output returned."""
+    return module().linear_chunks(q, k, v, state, log_decay, log_gates, int(chunk))
 
 
 if __name__ == "__main__":  # python -m attnlab.native [-v]: build now and say where

@@ -92,25 +92,30 @@ def test_disabled_by_environment():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("decay", [False, True])
+@pytest.mark.parametrize("decay", ["none", "head", "gates", "strong_gates"])
 @pytest.mark.parametrize("L,chunk", [(200, 64), (64, 64), (37, 16)])
 def test_linear_chunks_equal_parallel_form_and_recurrence(dtype, tol, decay, L, chunk):
-    """Causal chunked linear attention (remainder chunk included), continuing a non-zero state."""
+    """Causal chunked linear attention (remainder chunk included), continuing a non-zero state; gates
+    strong enough to take the pair-by-pair path in some chunks too."""
     B, H, F, Dv = 2, 3, 8, 5
     g = torch.Generator().manual_seed(2)
     fq, fk = (0.3 * torch.randn(B, H, 2 * L, F, generator=g, dtype=torch.float64) for _ in range(2))
     v = torch.randn(B, H, 2 * L, Dv, generator=g, dtype=torch.float64)
-    lam = -torch.rand(H, generator=g, dtype=torch.float64) if decay else None
+    lam = -torch.rand(H, generator=g, dtype=torch.float64) if decay == "head" else None
+    gates = None
+    if decay.endswith("gates"):
+        gates = -torch.rand(B, H, 2 * L, F, generator=g, dtype=torch.float64) * (0.2 if decay == "gates" else 20.0)
     fq, fk, v = fq.to(dtype), fk.to(dtype), v.to(dtype)
-    lam_d = None if lam is None else lam.to(dtype)
+    lam, gates = (None if x is None else x.to(dtype) for x in (lam, gates))
+    half = (lambda x: None if x is None else x[:, :, :L]), (lambda x: None if x is None else x[:, :, L:])
     S0 = torch.zeros(B, H, F, Dv, dtype=dtype)
     # first half through the Python recurrence, second half through the kernel, continuing its state
-    _, S_half = K.scan_recurrent(fq[:, :, :L], fk[:, :, :L], v[:, :, :L], S0, log_decay=lam_d)
+    _, S_half = K.scan_recurrent(fq[:, :, :L], fk[:, :, :L], v[:, :, :L], S0, log_decay=lam, log_gates=half[0](gates))
     S = S_half.clone()
-    out = native.linear_chunks(fq[:, :, L:], fk[:, :, L:], v[:, :, L:], S, lam_d, chunk)
-    whole = K.parallel(fq, fk, v, causal=True, log_decay=lam_d)
+    out = native.linear_chunks(fq[:, :, L:], fk[:, :, L:], v[:, :, L:], S, lam, chunk, half[1](gates))
+    whole = K.parallel(fq, fk, v, causal=True, log_decay=lam, log_gates=gates)
     torch.testing.assert_close(out, whole[:, :, L:], atol=tol, rtol=tol)
-    _, S_end = K.scan_recurrent(fq, fk, v, S0, log_decay=lam_d)
+    _, S_end = K.scan_recurrent(fq, fk, v, S0, log_decay=lam, log_gates=gates)
     torch.testing.assert_close(S, S_end, atol=tol, rtol=tol)
 
 

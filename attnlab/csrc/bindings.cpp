@@ -2,5 +2,5 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("range_attention", &range_attention, "attention over one contiguous key range per query (CPU forward)");
-  m.def("linear_chunks", &linear_chunks, "causal chunked linear attention with a per-head decay (CPU forward)");
+  m.def("linear_chunks", &linear_chunks, "causal chunked linear attention, per-head decay or per-channel gates (CPU forward)");
 }

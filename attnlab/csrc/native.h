@@ -9,7 +9,8 @@ std::vector<torch::Tensor> range_attention(torch::Tensor q, torch::Tensor k, tor
                                            torch::Tensor end, double scale, int64_t block_q, int64_t chunk);
 
 torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor state,
-                            c10::optional<torch::Tensor> log_decay, int64_t chunk);
+                            c10::optional<torch::Tensor> log_decay, c10::optional<torch::Tensor> log_gates,
+                            int64_t chunk);
 
 extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
                        const double*, const int*, const double*, const int*, const double*, double*, const int*);

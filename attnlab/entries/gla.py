@@ -189,6 +189,7 @@ register(Mechanism(
     ),
     reference_impl="parallel",
     recurrence=Recurrence(parallel=_parallel, chunked=_chunked, step=_step, init=_init, state_size=_state_size,
+                          fused=K.fused,
                           noncausal_recurrent=_noncausal_recurrent),
     flops=_flops,
     complexity={"time": "O(L C d_k + L d_k d_v)", "memory": "O(L d + C^2 d_k)", "state": "O(d_k d_v)"},

@@ -51,7 +51,7 @@ def features(call: Call, x: torch.Tensor, pos: torch.Tensor, is_query: bool) -> 
     """``φ(x)`` for positions ``pos`` (absolute, used by cosFormer's re-weighting only)."""
     fmap = call.params.get("feature_map", "identity")
     if fmap == "elu+1":  # Linear Transformer (Katharopoulos et al. 2020)
-        return torch.nn.functional.elu(x) + 1
+        return torch.nn.functional.elu(x).add_(1)  # in place on elu's fresh output (its backward reads x)
     if fmap == "relu":
         return torch.relu(x)
     if fmap == "identity":
