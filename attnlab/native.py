@@ -1,11 +1,13 @@
 """attnlab's C++ CPU kernels (``attnlab/csrc``), built on first use and cached.
 
-Two forward-only kernels, each the fused form of mathematics that also exists in PyTorch here
-(and is tested against it):
+Forward-only kernels, each the fused form of mathematics that also exists in PyTorch here (and is
+tested against it):
 
 ``range_attention``  exact softmax attention where every query sees one contiguous range of keys
-                     (sliding windows, 1-D neighborhoods, causal, prefix-LM, documents): the
-                     ``native`` implementation of mask-based mechanisms (:mod:`attnlab.patterns`).
+                     (sliding windows, 1-D neighborhoods, causal, prefix-LM, documents) and
+``box_attention``    the same on a 2-D/3-D grid where every query sees one box of keys
+                     (neighborhoods without dilation, windows): together the ``native``
+                     implementation of mask-based mechanisms (:mod:`attnlab.patterns`).
 ``linear_chunks``    the causal chunked form of :mod:`attnlab.linear` (no decay, a per-head decay
                      or GLA's per-channel gates), walking the chunks of each (batch, head) with
                      the state in cache.
@@ -14,7 +16,7 @@ Both do their GEMMs with the micro-kernel torch's own CPU attention uses (oneDNN
 ATen) on torch's OpenMP thread pool. The module is compiled with ``torch.utils.cpp_extension``
 (a C++17 compiler and ninja are needed) into ``$ATTNLAB_NATIVE_DIR`` (default
 ``~/.cache/attnlab/native``), once per source change, torch version and CPU capability;
-``scripts/setup.sh`` builds it ahead (``python -m attnlab.native``). ``ATTNLAB_NATIVE=0`` turns
+``scripts/setup.sh`` builds it ahead (:func:`main`). ``ATTNLAB_NATIVE=0`` turns
 it off. When it cannot be built, :func:`unavailable` says why and every caller falls back to the
 PyTorch path; nothing requires it.
 """
@@ -26,7 +28,7 @@ from typing import Optional
 
 import torch
 
-_SOURCES = ("bindings.cpp", "ranges.cpp", "linear_chunks.cpp")
+_SOURCES = ("bindings.cpp", "ranges.cpp", "boxes.cpp", "linear_chunks.cpp")
 _STATE: dict = {}
 
 #: Code generation per CPU capability torch reports (the kernels' own loops: exponentials,
@@ -105,6 +107,39 @@ def range_attention(q, k, v, start: torch.Tensor, end: torch.Tensor, scale: floa
     return tuple(module().range_attention(q, k, v, start, end, float(scale), BLOCK_Q, CHUNK))
 
 
+#: Largest union of key boxes one query tile of :func:`box_attention` may gather (its score buffer is
+#: tile x this many floats per thread); larger neighbourhoods use the other implementations.
+MAX_BOX_KEYS = 16384
+
+
+def box_union(boxes: torch.Tensor, shape, tile) -> int:
+    """The most keys any query tile's union of boxes covers (``boxes`` ``(N, 6)`` as for
+    :func:`box_attention`, raster order over ``shape``)."""
+    pad = (1,) * (3 - len(shape))
+    shape3, tile3 = pad + tuple(shape), pad + tuple(tile)
+    b = boxes.view(*shape3, 6)
+    big = 1 << 40  # above any coordinate, and exact as the float F.pad takes
+    nonempty = ((b[..., 3:] - b[..., :3]) > 0).all(-1)
+    lo = torch.where(nonempty[..., None], b[..., :3], big)
+    hi = torch.where(nonempty[..., None], b[..., 3:], -1)
+    for a, t in enumerate(tile3):  # reduce each axis to one value per tile
+        n = -(-shape3[a] // t) * t
+        lo = torch.nn.functional.pad(lo.movedim(a, -1), (0, n - shape3[a]), value=big)
+        hi = torch.nn.functional.pad(hi.movedim(a, -1), (0, n - shape3[a]), value=-1)
+        lo = lo.unflatten(-1, (n // t, t)).amin(-1).movedim(-1, a)
+        hi = hi.unflatten(-1, (n // t, t)).amax(-1).movedim(-1, a)
+    return int((hi - lo).clamp(min=0).prod(-1).max())
+
+
+def box_attention(q, k, v, boxes: torch.Tensor, shape, tile, scale: float):
+    """``(out, lse)`` of softmax attention on a grid where query ``i`` sees the keys whose
+    coordinates lie in ``[boxes[i, :3], boxes[i, 3:])`` (axes padded in front to three; shared by
+    every batch and head). q ``(B, H, N, D)``, k/v ``(B, Hkv, N, D|Dv)`` in raster order over
+    ``shape``; queries are processed in tiles of ``tile``."""
+    keys = box_union(boxes, shape, tile)
+    return tuple(module().box_attention(q, k, v, boxes, list(shape), list(tile), float(scale), max(keys, 1)))
+
+
 def linear_chunks(q, k, v, state: torch.Tensor, log_decay: Optional[torch.Tensor], chunk: int,
                   log_gates: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal chunked linear attention (see :func:`attnlab.linear.chunked`), with a per-head decay
@@ -112,11 +147,15 @@ def linear_chunks(q, k, v, state: torch.Tensor, log_decay: Optional[torch.Tensor
     return module().linear_chunks(q, k, v, state, log_decay, log_gates, int(chunk))
 
 
-if __name__ == "__main__":  # python -m attnlab.native [-v]: build now and say where
+def main() -> int:
+    """Build the kernels now and say where (``scripts/setup.sh`` runs it); exit status 1 when they
+    cannot be built."""
     import sys
 
     try:
         module(verbose="-v" in sys.argv)
     except RuntimeError as e:
-        sys.exit(str(e))
+        print(e, file=sys.stderr)
+        return 1
     print(f"attnlab native kernels ready in {build_dir()}")
+    return 0

@@ -168,8 +168,8 @@ after="$("$VPY" -c 'from importlib import metadata; print(metadata.version("torc
 # attnlab's C++ CPU kernels (attnlab/native.py): built once here so no benchmark or test pays the
 # ~40 s compile; rebuilt on first use if their sources change. Optional: without a compiler the
 # library uses its PyTorch paths.
-say "building attnlab's C++ kernels (python -m attnlab.native)"
-"$VPY" -m attnlab.native >&2 || say "WARNING: C++ kernels not built; attnlab falls back to its PyTorch paths"
+say "building attnlab's C++ kernels (attnlab.native.main)"
+"$VPY" -c 'import sys; from attnlab import native; sys.exit(native.main())' >&2 || say "WARNING: C++ kernels not built; attnlab falls back to its PyTorch paths"
 
 want_hash "$torch_v" >"$STAMP"
 say "done"

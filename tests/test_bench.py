@@ -67,7 +67,7 @@ def test_rows_land_in_the_store_with_run_metadata(basic):
     assert len({c["case_key"] for c in cases}) == len(cases)
     by = {(c["mechanism"], c["kv_len"], c["direction"]): c for c in cases}
     na = by[("neighborhood", 128, "fwd")]
-    assert na["grid"] == [8, 16] and na["impl_used"] == "flex" and na["params"] == {"kernel_size": [8, 16]}
+    assert na["grid"] == [8, 16] and na["impl_used"] == "native" and na["params"] == {"kernel_size": [8, 16]}
     assert by[("sliding_window", 64, "fwdbwd")]["impl_used"] == "tiled"  # flex is forward-only on CPU
     assert by[("dense", 64, "fwd")]["impl_used"] == "sdpa" and by[("sliding_window", 64, "fwd")]["params"] == {
         "window": 512}
@@ -381,7 +381,7 @@ def test_first_call_includes_compilation(tmp_path, monkeypatch):
     """The one compiled case: the first call (compile) is recorded apart from the steady state."""
     monkeypatch.setenv("ATTNLAB_FLEX_COMPILE", "1")
     rc, store, _ = _run(tmp_path, "--mechanisms", "sliding_window", "--directions", "fwd", "--lengths", "128",
-                        "--params", '{"sliding_window": {"window": 16}}')
+                        "--params", '{"sliding_window": {"window": 16}}', "--impl", "flex")
     assert rc == 0
     _, cases, _ = _cases(store)
     (c,) = [c for c in cases if c["mechanism"] == "sliding_window"]

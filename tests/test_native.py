@@ -84,6 +84,57 @@ def test_native_declines_what_it_cannot_serve():
     assert why(sw, q, k, v) is None
 
 
+def _random_boxes(shape, g):
+    """Random boxes (some empty) on a grid of 2-3 axes, as (N, 6) with axes padded in front to three."""
+    N = int(torch.tensor(shape).prod())
+    full = (1,) * (3 - len(shape)) + tuple(shape)
+    a = torch.stack([torch.randint(0, n, (N,), generator=g) for n in full], -1)
+    b = torch.stack([torch.randint(0, n + 1, (N,), generator=g) for n in full], -1)
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b) + 1
+    hi = torch.minimum(hi, torch.tensor(full))
+    hi[::5, -1] = lo[::5, -1]  # empty boxes
+    return torch.cat([lo, hi], -1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("shape,tile,Hq,Hkv", [((9, 13), (4, 8), 4, 2), ((5, 6, 7), (2, 4, 4), 2, 2), ((3, 40), (1, 64), 2, 1)])
+def test_box_attention_equals_reference(dtype, tol, shape, tile, Hq, Hkv):
+    N = int(torch.tensor(shape).prod())
+    q, k, v = _qkv(2, Hq, Hkv, N, N, 16, 8, dtype)
+    boxes = _random_boxes(shape, torch.Generator().manual_seed(3))
+    full = (1,) * (3 - len(shape)) + tuple(shape)
+    coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in full], indexing="ij")).reshape(3, -1)  # (3, N)
+    mask = ((coords.T[None] >= boxes[:, None, :3]) & (coords.T[None] < boxes[:, None, 3:])).all(-1)
+    ref, ref_lse = reference.attention(q, k, v, mask=mask, return_lse=True)
+    out, lse = native.box_attention(q, k, v, boxes, shape, tile, 16 ** -0.5)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, ref_lse, atol=tol, rtol=tol)
+    # the union bound the kernel sizes its buffers by, against a brute-force count per tile
+    tiles = [torch.arange(N).view(full)[z:z + t0, y:y + t1, x:x + t2].flatten()
+             for t0, t1, t2 in [(1,) * (3 - len(tile)) + tuple(tile)]
+             for z in range(0, full[0], t0) for y in range(0, full[1], t1) for x in range(0, full[2], t2)]
+    want = 0
+    for rows in tiles:
+        b = boxes[rows]
+        b = b[((b[:, 3:] - b[:, :3]) > 0).all(-1)]
+        if len(b):
+            want = max(want, int((b[:, 3:].amax(0) - b[:, :3].amin(0)).prod()))
+    assert native.box_union(boxes, shape, tile) == want
+
+
+@pytest.mark.parametrize("params", [dict(kernel_size=7), dict(kernel_size=(5, 9), stride=(2, 3)),
+                                    dict(kernel_size=7, is_causal=(True, False))])
+def test_neighborhood_2d_runs_the_box_kernel(params):
+    m = attnlab.mechanism("neighborhood")
+    q, k, v = (torch.randn(1, 2, 20, 24, 16) for _ in range(3))
+    assert m.select(m.prepare(q, k, v, **params)).name == "native"
+    out = m(q, k, v, **params)
+    ref = m(q.double(), k.double(), v.double(), impl="reference", **params)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    reason = executor.NATIVE.supports(m.prepare(q, k, v, kernel_size=7, dilation=2))
+    assert "box" in reason
+
+
 def test_disabled_by_environment():
     code = "from attnlab import native; print(native.unavailable())"
     env = dict(os.environ, ATTNLAB_NATIVE="0")

@@ -39,6 +39,7 @@ class BlockStructure:
     start: torch.Tensor  # (Bm, Hm, Lq) int64: first visible key of each query (0 when it sees none)
     end: torch.Tensor  # (Bm, Hm, Lq) int64: one past its last visible key (0 when it sees none)
     contiguous: bool  # every query's visible keys form one range [start, end)
+    boxes: Optional[torch.Tensor] = None  # (Lq, 6) int64 [lo0..2, hi0..2]: each query's keys are this box
 
     @property
     def grid(self) -> tuple:
@@ -84,12 +85,15 @@ def compute(
     block_q: int,
     block_k: int,
     device="cpu",
+    coords: Optional[torch.Tensor] = None,
 ) -> BlockStructure:
     """Evaluate ``mask_mod`` on the whole grid, a chunk of query rows at a time.
 
     ``batch``/``heads`` are the leading sizes to evaluate (1 where the mask does not depend on
     them). Keys past ``kv_len`` in the last block count as invisible for ``any`` and as visible
-    for ``full`` (kernels bound-check them separately).
+    for ``full`` (kernels bound-check them separately). With the keys' grid ``coords``
+    (``(ndim, kv_len)``, at most 3 axes, one mask for every batch and head), also each query's
+    bounding box, kept when every query's visible keys fill their box exactly.
     """
     nq, nk = math.ceil(q_len / block_q), math.ceil(kv_len / block_k)
     any_ = torch.zeros(batch, heads, nq, nk, dtype=torch.bool, device=device)
@@ -101,6 +105,7 @@ def compute(
     start = torch.zeros(batch, heads, q_len, dtype=torch.int64, device=device)
     end = torch.zeros_like(start)
     contiguous = True
+    box = _BoxTracker(coords, q_len) if coords is not None and batch == heads == 1 else None
     pad_k = nk * block_k - kv_len
     rows_per_chunk = max(1, _ROW_BUDGET // max(1, kv_len * batch * heads) // block_q) * block_q
     for r0 in range(0, q_len, rows_per_chunk):
@@ -115,6 +120,8 @@ def compute(
         if contiguous:  # one run of visible keys per row: at most one False -> True step
             rises = (m[..., 1:] & ~m[..., :-1]).sum(-1) + m[..., 0]
             contiguous = bool((rises <= 1).all())
+        if box is not None:
+            box.add(m[0, 0], count[0, 0], r0)
         pad_q = (-(r1 - r0)) % block_q
         m_any = torch.nn.functional.pad(m, (0, pad_k, 0, pad_q), value=False)
         m_all = torch.nn.functional.pad(m, (0, pad_k, 0, pad_q), value=True)
@@ -125,7 +132,37 @@ def compute(
         full[:, :, qb0:qb1] = m_all.view(shape).all(5).all(3)
     full &= any_
     kv_num, kv_idx = _compact(any_)
-    return BlockStructure(q_len, kv_len, block_q, block_k, kv_num, kv_idx, full, any_, pairs, start, end, contiguous)
+    return BlockStructure(q_len, kv_len, block_q, block_k, kv_num, kv_idx, full, any_, pairs, start, end, contiguous,
+                          box.result() if box is not None else None)
+
+
+class _BoxTracker:
+    """Per query, the bounding box of its visible keys in grid coordinates, and whether every query's
+    keys fill their box (the visible count equals the box's volume)."""
+
+    ROWS = 256  # rows per step: the (rows, Lk) coordinate temporaries stay a few MiB
+
+    def __init__(self, coords: torch.Tensor, q_len: int):
+        pad = 3 - coords.shape[0]
+        self.coords = torch.cat([coords.new_zeros(pad, coords.shape[1]), coords]).to(torch.int32)
+        self.boxes = torch.zeros(q_len, 6, dtype=torch.int64, device=coords.device)
+        self.ok = True
+
+    def add(self, m: torch.Tensor, count: torch.Tensor, r0: int):
+        big = torch.iinfo(torch.int32).max
+        for a in range(0, m.shape[0], self.ROWS):
+            if not self.ok:
+                return
+            mm, cnt = m[a:a + self.ROWS], count[a:a + self.ROWS]
+            lo = torch.stack([torch.where(mm, c, big).amin(-1) for c in self.coords], -1).to(torch.int64)
+            hi = torch.stack([torch.where(mm, c, -1).amax(-1) for c in self.coords], -1).to(torch.int64) + 1
+            seen = (cnt > 0)[:, None]
+            lo, hi = torch.where(seen, lo, 0), torch.where(seen, hi, 0)
+            self.ok = bool(((hi - lo).prod(-1) == cnt).all())
+            self.boxes[r0 + a:r0 + a + mm.shape[0]] = torch.cat([lo, hi], -1)
+
+    def result(self) -> Optional[torch.Tensor]:
+        return self.boxes if self.ok else None
 
 
 def cached(
@@ -138,14 +175,15 @@ def cached(
     block_q: int,
     block_k: int,
     device="cpu",
+    coords: Optional[torch.Tensor] = None,
 ) -> BlockStructure:
     """:func:`compute` memoized by ``key`` (pattern, params, shapes); ``key=None`` disables caching."""
     if key is None:
-        return compute(mask_mod, batch, heads, q_len, kv_len, block_q, block_k, device)
-    full_key = (key, batch, heads, q_len, kv_len, block_q, block_k, str(device))
+        return compute(mask_mod, batch, heads, q_len, kv_len, block_q, block_k, device, coords)
+    full_key = (key, batch, heads, q_len, kv_len, block_q, block_k, str(device), coords is not None)
     hit = _CACHE.get(full_key)
     if hit is None:
-        hit = compute(mask_mod, batch, heads, q_len, kv_len, block_q, block_k, device)
+        hit = compute(mask_mod, batch, heads, q_len, kv_len, block_q, block_k, device, coords)
         _CACHE[full_key] = hit
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)

@@ -9,9 +9,10 @@ when the call is causal and runs one of five backends, all computing the same fu
                boolean mask (no score modifiers). O(L^2) mask memory.
 ``tiled``      block-sparse FlashAttention in PyTorch (:mod:`attnlab.tiled`): visits only the
                tiles the mask touches, forward and backward, any device and float dtype.
-``native``     attnlab's C++ kernel (:mod:`attnlab.native`) when every query sees one contiguous
-               range of keys (sliding windows, 1-D neighborhoods, prefix-LM, documents): CPU,
-               float32/float64, forward only. O(visible pairs).
+``native``     attnlab's C++ kernels (:mod:`attnlab.native`) when every query sees one contiguous
+               range of keys (sliding windows, 1-D neighborhoods, prefix-LM, documents) or, on a
+               2-D/3-D grid, one box of keys (neighborhoods without dilation, windows): CPU,
+               float32/float64, forward only.
 ``flex``       FlexAttention (``torch.compile``-d by default) with the same block structure.
                On CPU, torch's FlexAttention kernel is inference-only and does not return the
                LSE; it says so instead of falling back.
@@ -90,7 +91,9 @@ def _structure(call: Call, mask: Optional[Mask], geom: Geometry):
         bm = call.batch if mask.per_batch else 1
         hm = call.q_heads if mask.per_head else 1
     skey = None if key is None else (key, geom)
-    st = _blocks.cached(skey, mod, bm, hm, call.q_len, call.kv_len, BLOCK, BLOCK, call.device)
+    # natural token order on a grid of 2-3 axes: also each query's box of keys (the native box kernel)
+    coords = geom.coords() if geom.tile is None and geom.shape and 2 <= len(geom.shape) <= 3 else None
+    st = _blocks.cached(skey, mod, bm, hm, call.q_len, call.kv_len, BLOCK, BLOCK, call.device, coords)
     return st, (None if mask is None else mod)
 
 
@@ -156,11 +159,34 @@ def run_flex(call: Call, q, k, v):
     return _unpermute(perm, out, lse)
 
 
-def run_native(call: Call, q, k, v):
-    mask, _ = plan(call)
+def _native_plan(call: Call):
+    """``(structure, tile)`` for the native kernels: ``tile`` None runs the range kernel, else the box
+    kernel with query tiles of that shape; or a string saying why neither serves the call."""
+    mask, score = plan(call)
+    if score is not None:
+        return "the C++ kernels apply no score modifier"
+    if mask is None or mask.key is None:
+        return "the C++ kernels serve masks of a named pattern"
+    if mask.per_batch or mask.per_head:
+        return "the C++ kernels take one mask for every batch and head"
     st, _ = _structure(call, mask, geometry(call, tiled_order=False))
-    out, lse = _native.range_attention(q, k, v, st.start[0, 0], st.end[0, 0], call.scale)
-    return out, lse
+    if call.spatial and len(call.spatial) > 1:
+        if st.boxes is None:
+            return "the C++ box kernel needs each query's visible keys to fill one box of the grid"
+        tile = default_tile(call.spatial)
+        if _native.box_union(st.boxes, call.spatial, tile) > _native.MAX_BOX_KEYS:
+            return f"the boxes of a {tile} query tile span more than {_native.MAX_BOX_KEYS} keys"
+        return st, tile
+    if not st.contiguous:
+        return "the C++ range kernel needs each query's visible keys to be one contiguous range"
+    return st, None
+
+
+def run_native(call: Call, q, k, v):
+    st, tile = _native_plan(call)
+    if tile is None:
+        return _native.range_attention(q, k, v, st.start[0, 0], st.end[0, 0], call.scale)
+    return _native.box_attention(q, k, v, st.boxes, call.spatial, tile, call.scale)
 
 
 def _flex_fn():
@@ -211,19 +237,11 @@ def _flex_supports(call: Call) -> Optional[str]:
 
 
 def _native_supports(call: Call) -> Optional[str]:
-    mask, score = plan(call)
-    if score is not None:
-        return "the C++ range kernel applies no score modifier"
-    if mask is None or mask.key is None:
-        return "the C++ range kernel serves masks of a named pattern"
-    if mask.per_batch or mask.per_head:
-        return "the C++ range kernel takes one mask for every batch and head"
     reason = _native.unsupported(call.device, call.dtype, call.requires_grad)
     if reason:
         return reason
-    if not _structure(call, mask, geometry(call, tiled_order=False))[0].contiguous:
-        return "the C++ range kernel needs each query's visible keys to be one contiguous range"
-    return None
+    planned = _native_plan(call)
+    return planned if isinstance(planned, str) else None
 
 
 def _sdpa_supports(call: Call) -> Optional[str]:
@@ -236,7 +254,7 @@ def _sdpa_supports(call: Call) -> Optional[str]:
 
 
 NATIVE = Implementation("native", run_native, _native_supports,
-                        doc="C++ kernel for masks where each query sees one contiguous key range (CPU forward)")
+                        doc="C++ kernels for masks where each query sees one key range or grid box (CPU forward)")
 REFERENCE = Implementation("reference", run_reference, doc="dense oracle on the materialized mask, O(L^2)")
 TILED = Implementation("tiled", run_tiled, doc="block-sparse FlashAttention in PyTorch, forward and backward, O(L)")
 FLEX = Implementation("flex", run_flex, _flex_supports, doc="FlexAttention block-sparse kernel (compiled)")
