@@ -147,6 +147,18 @@ def chunked(fq, fk, v, S, *, chunk: int, log_decay=None, log_gates=None) -> Tupl
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0], S
 
 
+def chunked_normalized(fq, fk, v, S, *, chunk: int, log_decay=None, normalize: bool, eps: float):
+    """:func:`chunked` then :func:`finish`: the output ``num / (den + eps)`` (or ``num``), and the state
+    (``value_dim + 1`` columns when normalizing). The C++ kernel, where it serves, divides inside each
+    chunk instead of appending a column of ones to ``v``."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (fq, fk, v, S, log_decay))
+    if normalize and S.dtype == fq.dtype and _native.unsupported(fq.device, fq.dtype, grad) is None:
+        S = S.clone(memory_format=torch.contiguous_format)
+        return _native.linear_chunks(fq, fk, v, S, log_decay, chunk, normalize_eps=eps), S
+    raw, S = chunked(fq, fk, with_ones(v, normalize), S, chunk=chunk, log_decay=log_decay)
+    return finish(raw, normalize, eps), S
+
+
 def fused(call) -> bool:
     """True when :func:`chunked` runs the C++ kernel for this call (CPU, float32/float64 compute, no
     autograd)."""
@@ -245,4 +257,4 @@ def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int 
     return fwd + bwd - diag
 
 
-__all__ = ["chunked", "finish", "fused", "noncausal", "parallel", "scan_recurrent", "step", "weights", "with_ones"]
+__all__ = ["chunked", "chunked_normalized", "finish", "fused", "noncausal", "parallel", "scan_recurrent", "step", "weights", "with_ones"]

@@ -141,10 +141,13 @@ def box_attention(q, k, v, boxes: torch.Tensor, shape, tile, scale: float):
 
 
 def linear_chunks(q, k, v, state: torch.Tensor, log_decay: Optional[torch.Tensor], chunk: int,
-                  log_gates: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  log_gates: Optional[torch.Tensor] = None, normalize_eps: Optional[float] = None) -> torch.Tensor:
     """Causal chunked linear attention (see :func:`attnlab.linear.chunked`), with a per-head decay
-    or per-channel gates; ``state`` is updated in place and the raw output returned."""
-    return module().linear_chunks(q, k, v, state, log_decay, log_gates, int(chunk))
+    or per-channel gates; ``state`` is updated in place. Returns the raw output, or with
+    ``normalize_eps`` the normalized one ``num / (den + eps)`` (``state`` then has ``Dv + 1``
+    columns, the last one the normalizer's, as :func:`attnlab.linear.with_ones` builds it)."""
+    eps = None if normalize_eps is None else float(normalize_eps)
+    return module().linear_chunks(q, k, v, state, log_decay, log_gates, int(chunk), eps)
 
 
 def main() -> int:

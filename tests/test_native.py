@@ -170,6 +170,26 @@ def test_linear_chunks_equal_parallel_form_and_recurrence(dtype, tol, decay, L, 
     torch.testing.assert_close(S, S_end, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("decay", [False, True])
+def test_linear_chunks_normalized_equal_parallel_form(dtype, tol, decay):
+    """The normalizer inside the kernel (no column of ones on V) against the parallel form, finished."""
+    B, H, L, F, Dv, eps = 2, 3, 150, 8, 5, 1e-3
+    g = torch.Generator().manual_seed(4)
+    fq, fk = (torch.rand(B, H, 2 * L, F, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    v = torch.randn(B, H, 2 * L, Dv, generator=g, dtype=torch.float64).to(dtype)
+    lam = -torch.rand(H, generator=g, dtype=torch.float64).to(dtype) if decay else None
+    vv = K.with_ones(v, True)
+    _, S_half = K.scan_recurrent(fq[:, :, :L], fk[:, :, :L], vv[:, :, :L], torch.zeros(B, H, F, Dv + 1, dtype=dtype),
+                                 log_decay=lam)
+    S = S_half.clone()
+    out = native.linear_chunks(fq[:, :, L:], fk[:, :, L:], v[:, :, L:], S, lam, 64, normalize_eps=eps)
+    whole = K.finish(K.parallel(fq, fk, vv, causal=True, log_decay=lam), True, eps)
+    torch.testing.assert_close(out, whole[:, :, L:], atol=tol, rtol=tol)
+    _, S_end = K.scan_recurrent(fq, fk, vv, torch.zeros(B, H, F, Dv + 1, dtype=dtype), log_decay=lam)
+    torch.testing.assert_close(S, S_end, atol=tol, rtol=tol)
+
+
 def test_chunked_form_uses_the_kernel_only_without_autograd():
     q, k, v = _qkv(1, 2, 2, 96, 96, 16, 16, torch.float32)
     m = attnlab.mechanism("lightning")

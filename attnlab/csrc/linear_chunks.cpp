@@ -13,7 +13,9 @@
 //                  else computed pair by pair
 //   out_c  = scores V_c + (Q_c * exp(G)) S
 //   S      = exp(last) * S (row f scaled) + (K_c * exp(last - G))^T V_c
-// Four small GEMMs per chunk (attnlab::gemm). (batch, head) pairs run in parallel on torch's
+// With the normalizer (Linear Transformer), z = sum of the (decayed) keys rides in the state's last
+// column and each output row is divided by its denominator in the chunk, so nothing is appended
+// to V. Four small GEMMs per chunk (attnlab::gemm). (batch, head) pairs run in parallel on torch's
 // thread pool.
 #include "native.h"
 #include <ATen/Parallel.h>
@@ -29,12 +31,13 @@ constexpr T kRange = std::is_same_v<T, float> ? T(60) : T(600);  // as attnlab/l
 
 template <typename T>
 void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, T* state, T* out, int64_t BH,
-            int64_t H, int64_t L, int64_t F, int64_t Dv, int64_t C) {
+            int64_t H, int64_t L, int64_t F, int64_t Dv, int64_t C, bool normalize, T eps) {
+  const int64_t Ds = Dv + (normalize ? 1 : 0);  // state row: Dv value columns, then the normalizer z
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> kt(F * C), scores(C * C), qs(C * F), G(C * F), w(C * C), qdecay(C), kdecay(C);
+    std::vector<T> kt(F * C), scores(C * C), qs(C * F), G(C * F), w(C * C), qdecay(C), kdecay(C), den(C);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const T l = lam ? lam[bh % H] : T(0);
-      T* S = state + bh * F * Dv;
+      T* S = state + bh * F * Ds;
       int64_t built = -1;  // chunk length the decay tables were built for
       for (int64_t c0 = 0; c0 < L; c0 += C) {
         const int64_t n = std::min(C, L - c0);
@@ -90,13 +93,27 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, T*
           }
         }
         attnlab::gemm(n, Dv, n, scores.data(), n, vc, Dv, false, oc, Dv);  // intra-chunk
-        attnlab::gemm(n, Dv, F, qread, F, S, Dv, true, oc, Dv);             // + the state before it
-        for (int64_t f = 0; f < F; ++f) {  // S = decay over the chunk (per row) * S + K'^T V_c
+        attnlab::gemm(n, Dv, F, qread, F, S, Ds, true, oc, Dv);             // + the state before it
+        if (normalize) {  // den = row sums of the scores + Q' z; out = num / (den + eps)
+          for (int64_t t = 0; t < n; ++t) {
+            T d = 0;
+            for (int64_t s2 = 0; s2 < n; ++s2) d += scores[t * n + s2];
+            for (int64_t f = 0; f < F; ++f) d += qread[t * F + f] * S[f * Ds + Dv];
+            const T inv = T(1) / (d + eps);
+            for (int64_t x = 0; x < Dv; ++x) oc[t * Dv + x] *= inv;
+          }
+        }
+        for (int64_t f = 0; f < F; ++f) {  // S = decay over the chunk (per row) * S + K'^T [V_c, 1]
           const T across = last ? std::exp(last[f]) : std::exp(l * T(n));
           if (across != T(1))
-            for (int64_t d = 0; d < Dv; ++d) S[f * Dv + d] *= across;
+            for (int64_t d = 0; d < Ds; ++d) S[f * Ds + d] *= across;
+          if (normalize) {
+            T z = 0;
+            for (int64_t s2 = 0; s2 < n; ++s2) z += kt[f * n + s2];
+            S[f * Ds + Dv] += z;
+          }
         }
-        attnlab::gemm(F, Dv, n, kt.data(), n, vc, Dv, true, S, Dv);
+        attnlab::gemm(F, Dv, n, kt.data(), n, vc, Dv, true, S, Ds);
       }
     }
     attnlab::gemm_done();
@@ -105,11 +122,13 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, T*
 
 }  // namespace
 
-// q, k: (B, H, L, F); v: (B, H, L, Dv); state: (B, H, F, Dv), updated in place; log_decay: (H,) or
-// undefined; log_gates: (B, H, L, F) or undefined (not both). Returns the raw output (B, H, L, Dv).
+// q, k: (B, H, L, F); v: (B, H, L, Dv); log_decay: (H,) or undefined; log_gates: (B, H, L, F) or
+// undefined (not both). Without normalize_eps: state (B, H, F, Dv), returns the raw output
+// (B, H, L, Dv). With it: state (B, H, F, Dv + 1) whose last column is the normalizer's (the sum of
+// the keys), returns num / (den + eps). The state is updated in place.
 torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor state,
                             c10::optional<torch::Tensor> log_decay, c10::optional<torch::Tensor> log_gates,
-                            int64_t chunk) {
+                            int64_t chunk, c10::optional<double> normalize_eps) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4, "q, k must be (B, H, L, F), v (B, H, L, Dv)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
                   q.scalar_type() == state.scalar_type(), "q, k, v, state dtypes differ");
@@ -120,8 +139,9 @@ torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
   v = v.contiguous();
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), F = q.size(3), Dv = v.size(3);
   TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == L, "v must be (B, H, L, Dv)");
-  TORCH_CHECK(state.size(0) == B && state.size(1) == H && state.size(2) == F && state.size(3) == Dv,
-              "state must be (B, H, F, Dv)");
+  const bool normalize = normalize_eps.has_value();
+  TORCH_CHECK(state.size(0) == B && state.size(1) == H && state.size(2) == F && state.size(3) == Dv + normalize,
+              normalize ? "state must be (B, H, F, Dv + 1)" : "state must be (B, H, F, Dv)");
   auto out = torch::empty({B, H, L, Dv}, q.options());
   torch::Tensor lam, gates;
   if (log_decay.has_value() && log_decay->defined()) {
@@ -136,7 +156,8 @@ torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
     chunks<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                      lam.defined() ? lam.data_ptr<scalar_t>() : nullptr,
                      gates.defined() ? gates.data_ptr<scalar_t>() : nullptr, state.data_ptr<scalar_t>(),
-                     out.data_ptr<scalar_t>(), B * H, H, L, F, Dv, chunk);
+                     out.data_ptr<scalar_t>(), B * H, H, L, F, Dv, chunk, normalize,
+                     static_cast<scalar_t>(normalize_eps.value_or(0.0)));
   });
   return out;
 }

@@ -100,13 +100,15 @@ def kernel_entry(name: str, *, paper: str, summary: str, formula: str, params, p
     def chunked(call, q, k, v, state):
         pos0 = 0 if state is None else state.length
         fq, fk = mapped(call, q, k, pos0)
-        vv = K.with_ones(v.to(fq.dtype), normalize(call))
         if not call.causal:
-            raw = K.noncausal(fq, fk, vv, log_decay=decay(call, fq.dtype), chunk=call.params["chunk_size"])
+            raw = K.noncausal(fq, fk, K.with_ones(v.to(fq.dtype), normalize(call)), log_decay=decay(call, fq.dtype),
+                              chunk=call.params["chunk_size"])
             return out(call, raw, v), None
         S = init(call, q.shape[0], q.shape[1], q.dtype, q.device) if state is None else state
-        raw, S_new = K.chunked(fq, fk, vv, S["S"], chunk=call.params["chunk_size"], log_decay=decay(call, fq.dtype))
-        return out(call, raw, v), S.replace(length=S.length + k.shape[2], S=S_new)
+        o, S_new = K.chunked_normalized(fq, fk, v.to(fq.dtype), S["S"], chunk=call.params["chunk_size"],
+                                        log_decay=decay(call, fq.dtype), normalize=normalize(call),
+                                        eps=call.params.get("eps", 0.0))
+        return o.to(v.dtype), S.replace(length=S.length + k.shape[2], S=S_new)
 
     def step(call, state, q_t, k_t, v_t):
         fq, fk = mapped(call, q_t[:, :, None], k_t[:, :, None], state.length)
