@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 
 from .. import linear as K
+from .. import native as _native
 from .. import reference as R
 from ..catalogue import Call, Mechanism, Param, mechanism, register
 from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, check_per_token, forms
@@ -91,6 +92,11 @@ def banded_window(q, k, v, *, window: int, scale: float, causal: bool, block: in
     Lk = k.shape[2]
     off = Lk - Lq
     back, ahead = window - 1, (0 if causal else window - 1)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if _native.unsupported(q.device, q.dtype, grad) is None:  # the same band, fused (C++ range kernel)
+        p = torch.arange(Lq, device=q.device) + off
+        start, end = (p - back).clamp(0, Lk), (p + ahead + 1).clamp(0, Lk)
+        return _native.range_attention(q, k, v, start, end, scale)[0]
     C = max(1, min(block, Lq))
     n = -(-Lq // C)
     size = C + back + ahead
@@ -124,12 +130,12 @@ def _window(call: Call, q, k, v):
 def _linear(call: Call, q, k, v):
     dt = R.compute_dtype(q.dtype)
     d = call.params["feature_dim"]
-    return taylor_features(q.to(dt), d), taylor_features(k.to(dt), d), K.with_ones(v.to(dt), True)
+    return taylor_features(q.to(dt), d), taylor_features(k.to(dt), d), v.to(dt)
 
 
 def _parallel(call: Call, q, k, v):
     fq, fk, vv = _linear(call, q, k, v)
-    out = K.finish(K.parallel(fq, fk, vv, causal=call.causal), True, EPS)
+    out = K.finish(K.parallel(fq, fk, K.with_ones(vv, True), causal=call.causal), True, EPS)
     if call.params["window"]:
         out = out + window_reference(call, q.to(fq.dtype), k.to(fq.dtype), v.to(fq.dtype))
     return out.to(v.dtype)
@@ -161,13 +167,13 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
     fq, fk, vv = _linear(call, q, k, v)
     dt = fq.dtype
     if not call.causal:
-        out = K.finish(K.noncausal(fq, fk, vv), True, EPS)
+        out = K.finish(K.noncausal(fq, fk, K.with_ones(vv, True)), True, EPS)
         if call.params["window"]:
             out = out + _window(call, q.to(dt), k.to(dt), v.to(dt))
         return out.to(v.dtype), None
     state = _init(call, q.shape[0], q.shape[1], q.dtype, q.device) if state is None else state
-    raw, S = K.chunked(fq, fk, vv, state["S"], chunk=call.params["chunk_size"])
-    out = K.finish(raw, True, EPS)
+    out, S = K.chunked_normalized(fq, fk, vv, state["S"], chunk=call.params["chunk_size"], normalize=True,
+                                  eps=EPS)
     kc, vc, k_cache, v_cache = _with_cache(call, state, k.to(dt), v.to(dt))
     if call.params["window"]:
         out = out + _window(call, q.to(dt), kc, vc)
@@ -177,7 +183,7 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
 def _step(call: Call, state: State, q_t, k_t, v_t):
     fq, fk, vv = _linear(call, q_t, k_t, v_t)
     dt = fq.dtype
-    raw, S = K.step(fq, fk, vv, state["S"])
+    raw, S = K.step(fq, fk, K.with_ones(vv, True), state["S"])
     out = K.finish(raw, True, EPS)
     kc, vc, k_cache, v_cache = _with_cache(call, state, k_t.to(dt)[:, :, None], v_t.to(dt)[:, :, None])
     if call.params["window"]:  # every cached key is within the window of this query
@@ -187,7 +193,7 @@ def _step(call: Call, state: State, q_t, k_t, v_t):
 
 def _noncausal_recurrent(call: Call, q, k, v):
     fq, fk, vv = _linear(call, q, k, v)
-    out = K.finish(K.noncausal(fq, fk, vv, recurrent=True), True, EPS)
+    out = K.finish(K.noncausal(fq, fk, K.with_ones(vv, True), recurrent=True), True, EPS)
     if call.params["window"]:
         out = out + _window(call, q.to(fq.dtype), k.to(fq.dtype), v.to(fq.dtype))
     return out.to(v.dtype)
