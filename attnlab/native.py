@@ -3,8 +3,9 @@
 Forward-only kernels, each the fused form of mathematics that also exists in PyTorch here (and is
 tested against it):
 
-``range_attention``  exact softmax attention where every query sees one contiguous range of keys
-                     (sliding windows, 1-D neighborhoods, causal, prefix-LM, documents) and
+``range_attention``  exact softmax attention where every query sees one or a few ranges of keys
+                     (sliding windows, 1-D neighborhoods, causal, prefix-LM, documents, sinks
+                     plus a window) and
 ``box_attention``    the same on a 2-D/3-D grid where every query sees one box of keys
                      (neighborhoods without dilation, windows): together the ``native``
                      implementation of mask-based mechanisms (:mod:`attnlab.patterns`).
@@ -102,8 +103,9 @@ BLOCK_Q, CHUNK = 64, 2048
 
 
 def range_attention(q, k, v, start: torch.Tensor, end: torch.Tensor, scale: float):
-    """``(out, lse)`` of softmax attention where query ``i`` sees keys ``start[i] <= j < end[i]``
-    (shared by every batch and head). q ``(B, H, Lq, D)``, k/v ``(B, Hkv, Lk, D|Dv)``."""
+    """``(out, lse)`` of softmax attention where query ``i`` sees keys ``start[i] <= j < end[i]``, or
+    with ``(Lq, R)`` bounds the union of its ``R`` disjoint ranges (shared by every batch and head).
+    q ``(B, H, Lq, D)``, k/v ``(B, Hkv, Lk, D|Dv)``."""
     return tuple(module().range_attention(q, k, v, start, end, float(scale), BLOCK_Q, CHUNK))
 
 

@@ -58,12 +58,33 @@ def test_range_attention_equals_reference(dtype, tol, Lq, Lk, Hq, Hkv):
     assert torch.all(out[:, :, ::7] == 0) and torch.all(lse[:, :, ::7] == float("-inf"))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_range_attention_two_ranges_per_query(dtype, tol):
+    """Two disjoint ranges per row (sinks plus a window, in general position), some empty."""
+    Lq, Lk = 190, 260
+    q, k, v = _qkv(2, 4, 2, Lq, Lk, 16, 8, dtype)
+    g = torch.Generator().manual_seed(5)
+    cuts = torch.sort(torch.randint(0, Lk + 1, (Lq, 4), generator=g), dim=-1).values
+    start, end = cuts[:, [0, 2]], cuts[:, [1, 3]]  # [c0, c1) and [c2, c3): disjoint, possibly empty
+    start[::9, 1] = end[::9, 1]
+    j = torch.arange(Lk)
+    mask = torch.zeros(Lq, Lk, dtype=torch.bool)
+    for r in range(2):
+        mask |= (j[None, :] >= start[:, r, None]) & (j[None, :] < end[:, r, None])
+    ref, ref_lse = reference.attention(q, k, v, mask=mask, return_lse=True)
+    out, lse = native.range_attention(q, k, v, start, end, 16 ** -0.5)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, ref_lse, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("name,params,causal,gqa", [
     ("sliding_window", {"window": 37}, True, True),
     ("sliding_window", {"window": 37}, False, True),
     ("neighborhood", {"kernel_size": 21}, False, False),
     ("neighborhood", {"kernel_size": 21, "is_causal": True}, False, False),
     ("prefix_lm", {"prefix": 50}, False, False),
+    ("sink_window", {"sinks": 4, "window": 37}, True, True),
+    ("document", {"document_lengths": (50, 120, 30)}, True, False),
 ])
 def test_native_is_the_default_on_cpu_and_equals_reference(name, params, causal, gqa):
     m = attnlab.mechanism(name)
@@ -80,7 +101,8 @@ def test_native_declines_what_it_cannot_serve():
     why = lambda m, *x, **p: executor.NATIVE.supports(m.prepare(*x, causal=True, **p))  # noqa: E731
     assert "forward-only" in why(sw, q.clone().requires_grad_(), k, v)
     assert "float32 or float64" in why(sw, q.half(), k.half(), v.half())
-    assert "contiguous" in why(sink, q, k, v, sinks=2, window=8)
+    assert "at most 2 ranges" in why(attnlab.mechanism("strided"), q, k, v, stride=4)
+    assert why(sink, q, k, v, sinks=2, window=8) is None  # two ranges: sinks and the window
     assert why(sw, q, k, v) is None
 
 

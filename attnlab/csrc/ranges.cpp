@@ -1,10 +1,12 @@
-// Exact attention where every query sees one contiguous range of keys (CPU, forward).
+// Exact attention where every query sees one contiguous range of keys, or a few disjoint ones (CPU,
+// forward).
 //
-// out[b, h, i] = softmax_j(scale * q_i . k_j) v_j  over  j in [start[i], end[i])
+// out[b, h, i] = softmax_j(scale * q_i . k_j) v_j  over  j in [start[i][r], end[i][r]), r < R
 //
-// The ranges are shared by every batch and head. This covers sliding windows (causal or not),
-// 1-D neighborhood attention with clamped borders, causal, prefix-LM and packed documents.
-// Queries are taken in blocks of `block_q` rows; a block visits the union of its rows' ranges,
+// The ranges are shared by every batch and head. One range covers sliding windows (causal or not),
+// 1-D neighborhood attention with clamped borders, causal, prefix-LM and packed documents; two
+// cover attention sinks plus a window (StreamingLLM). Queries are taken in blocks of `block_q`
+// rows; for each r a block visits the union of its rows' r-th ranges,
 // `chunk` keys at a time (online softmax, as in FlashAttention), with two GEMMs per chunk (scores,
 // then probabilities times values) and the exponentials computed only inside each row's own
 // range. Work items (batch, head, query block) run in parallel on torch's thread pool.
@@ -23,7 +25,7 @@ namespace {
 template <typename T>
 void forward(const T* q, const T* k, const T* v, const int64_t* start, const int64_t* end, T* out,
              T* lse, int64_t B, int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
-             T scale, int64_t block_q, int64_t chunk) {
+             int64_t R, T scale, int64_t block_q, int64_t chunk) {
   const int64_t nq = (Lq + block_q - 1) / block_q;
   const int64_t group = H / Hkv;
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -36,51 +38,55 @@ void forward(const T* q, const T* k, const T* v, const int64_t* start, const int
       const int64_t kvh = b * Hkv + h / group;
       const T* kp = k + kvh * Lk * D;
       const T* vp = v + kvh * Lk * Dv;
-      int64_t lo = Lk, hi = 0;
-      for (int64_t r = 0; r < rows; ++r) {
-        if (start[i0 + r] < end[i0 + r]) {
-          lo = std::min(lo, start[i0 + r]);
-          hi = std::max(hi, end[i0 + r]);
-        }
-      }
       for (int64_t x = 0; x < rows * D; ++x) qs[x] = qp[x] * scale;
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), T(0));
-      for (int64_t c0 = lo; c0 < hi; c0 += chunk) {
-        const int64_t n = std::min(chunk, hi - c0);
-        for (int64_t j = 0; j < n; ++j) {
-          const T* kr = kp + (c0 + j) * D;
-          for (int64_t d = 0; d < D; ++d) kt[d * n + j] = kr[d];
-        }
-        attnlab::gemm(rows, n, D, qs.data(), D, kt.data(), n, false, s.data(), n);
+      for (int64_t rr = 0; rr < R; ++rr) {  // each row's rr-th range: one online-softmax sweep
+        const int64_t* st = start + i0 * R + rr;
+        const int64_t* en = end + i0 * R + rr;
+        int64_t lo = Lk, hi = 0;
         for (int64_t r = 0; r < rows; ++r) {
-          T* sr = s.data() + r * n;
-          const int64_t a = std::max<int64_t>(start[i0 + r] - c0, 0);
-          const int64_t e = std::min<int64_t>(end[i0 + r] - c0, n);
-          if (a >= e) {
-            std::fill(sr, sr + n, T(0));
-            continue;
-          }
-          T mx = m[r];
-          for (int64_t j = a; j < e; ++j) mx = std::max(mx, sr[j]);
-          const T alpha = std::exp(m[r] - mx);  // 0 on the row's first chunk (m = -inf)
-          T sum = 0;
-          for (int64_t j = a; j < e; ++j) {
-            const T p = std::exp(sr[j] - mx);
-            sr[j] = p;
-            sum += p;
-          }
-          std::fill(sr, sr + a, T(0));
-          std::fill(sr + e, sr + n, T(0));
-          l[r] = l[r] * alpha + sum;
-          m[r] = mx;
-          if (alpha != T(1)) {
-            T* ar = acc.data() + r * Dv;
-            for (int64_t d = 0; d < Dv; ++d) ar[d] *= alpha;
+          if (st[r * R] < en[r * R]) {
+            lo = std::min(lo, st[r * R]);
+            hi = std::max(hi, en[r * R]);
           }
         }
-        attnlab::gemm(rows, Dv, n, s.data(), n, vp + c0 * Dv, Dv, true, acc.data(), Dv);
+        for (int64_t c0 = lo; c0 < hi; c0 += chunk) {
+          const int64_t n = std::min(chunk, hi - c0);
+          for (int64_t j = 0; j < n; ++j) {
+            const T* kr = kp + (c0 + j) * D;
+            for (int64_t d = 0; d < D; ++d) kt[d * n + j] = kr[d];
+          }
+          attnlab::gemm(rows, n, D, qs.data(), D, kt.data(), n, false, s.data(), n);
+          for (int64_t r = 0; r < rows; ++r) {
+            T* sr = s.data() + r * n;
+            const int64_t a = std::max<int64_t>(st[r * R] - c0, 0);
+            const int64_t e = std::min<int64_t>(en[r * R] - c0, n);
+            if (a >= e) {
+              std::fill(sr, sr + n, T(0));
+              continue;
+            }
+            T mx = m[r];
+            for (int64_t j = a; j < e; ++j) mx = std::max(mx, sr[j]);
+            const T alpha = std::exp(m[r] - mx);  // 0 on the row's first chunk (m = -inf)
+            T sum = 0;
+            for (int64_t j = a; j < e; ++j) {
+              const T p = std::exp(sr[j] - mx);
+              sr[j] = p;
+              sum += p;
+            }
+            std::fill(sr, sr + a, T(0));
+            std::fill(sr + e, sr + n, T(0));
+            l[r] = l[r] * alpha + sum;
+            m[r] = mx;
+            if (alpha != T(1)) {
+              T* ar = acc.data() + r * Dv;
+              for (int64_t d = 0; d < Dv; ++d) ar[d] *= alpha;
+            }
+          }
+          attnlab::gemm(rows, Dv, n, s.data(), n, vp + c0 * Dv, Dv, true, acc.data(), Dv);
+        }
       }
       T* op = out + (bh * Lq + i0) * Dv;
       T* lp = lse + bh * Lq + i0;
@@ -105,9 +111,11 @@ std::vector<torch::Tensor> range_attention(torch::Tensor q, torch::Tensor k, tor
   v = v.contiguous();
   start = start.to(torch::kInt64).contiguous();
   end = end.to(torch::kInt64).contiguous();
+  const int64_t R = start.dim() == 2 ? start.size(1) : 1;
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(start.numel() == Lq && end.numel() == Lq, "start/end must have one entry per query");
+  TORCH_CHECK(start.size(0) == Lq && start.sizes() == end.sizes() && start.dim() <= 2 && R >= 1,
+              "start/end must be (Lq,) or (Lq, R): R ranges per query");
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == Lk && k.size(3) == D,
               "k, v shapes do not match q");
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads must be a multiple of key/value heads");
@@ -118,8 +126,8 @@ std::vector<torch::Tensor> range_attention(torch::Tensor q, torch::Tensor k, tor
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "range_attention", [&] {
     forward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                       start.data_ptr<int64_t>(), end.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
-                      lse.data_ptr<scalar_t>(), B, H, Hkv, Lq, Lk, D, Dv, static_cast<scalar_t>(scale), block_q,
-                      chunk);
+                      lse.data_ptr<scalar_t>(), B, H, Hkv, Lq, Lk, D, Dv, R, static_cast<scalar_t>(scale),
+                      block_q, chunk);
   });
   return {out, lse};
 }

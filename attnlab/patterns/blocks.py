@@ -6,8 +6,8 @@ A tile is *empty* when no pair in it is visible (skipped), *full* when every pai
 a few query rows at a time so memory stays bounded by ``O(rows * Lk)`` rather than
 ``O(Lq * Lk)``. The same structure drives the tiled PyTorch implementation, the FlexAttention
 kernel, the benchmark's count of unmasked pairs and the GNA tile simulator. The same pass also
-records each query's first and last visible key, and whether its visible keys are one range:
-what the ``native`` C++ kernel (:func:`attnlab.native.range_attention`) runs on.
+records each query's runs of visible keys (up to :data:`RUNS` ranges): what the ``native`` C++
+kernel (:func:`attnlab.native.range_attention`) runs on.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ import torch
 _CACHE: "OrderedDict[tuple, BlockStructure]" = OrderedDict()
 _CACHE_SIZE = 128
 _ROW_BUDGET = 1 << 24  # mask elements evaluated at once
+#: Runs of visible keys per query the structure records (attention sinks plus a window: two).
+RUNS = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,9 +38,9 @@ class BlockStructure:
     full: torch.Tensor  # (Bm, Hm, NQ, NK) bool: tile fully visible
     any: torch.Tensor  # (Bm, Hm, NQ, NK) bool: tile has at least one visible pair
     pairs: int  # visible (query, key) pairs summed over the (Bm, Hm) leading dims
-    start: torch.Tensor  # (Bm, Hm, Lq) int64: first visible key of each query (0 when it sees none)
-    end: torch.Tensor  # (Bm, Hm, Lq) int64: one past its last visible key (0 when it sees none)
-    contiguous: bool  # every query's visible keys form one range [start, end)
+    start: torch.Tensor  # (Bm, Hm, Lq, RUNS) int64: first key of each query's runs of visible keys (0 if none)
+    end: torch.Tensor  # (Bm, Hm, Lq, RUNS) int64: one past the run's last key (0 when there is no such run)
+    runs: int  # most runs of visible keys in any query's row; RUNS + 1 means more than start/end hold
     boxes: Optional[torch.Tensor] = None  # (Lq, 6) int64 [lo0..2, hi0..2]: each query's keys are this box
 
     @property
@@ -102,9 +104,9 @@ def compute(
     b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
     h = torch.arange(heads, device=device).view(1, heads, 1, 1)
     kv = torch.arange(kv_len, device=device).view(1, 1, 1, kv_len)
-    start = torch.zeros(batch, heads, q_len, dtype=torch.int64, device=device)
+    start = torch.zeros(batch, heads, q_len, RUNS, dtype=torch.int64, device=device)
     end = torch.zeros_like(start)
-    contiguous = True
+    runs = 0
     box = _BoxTracker(coords, q_len) if coords is not None and batch == heads == 1 else None
     pad_k = nk * block_k - kv_len
     rows_per_chunk = max(1, _ROW_BUDGET // max(1, kv_len * batch * heads) // block_q) * block_q
@@ -115,11 +117,20 @@ def compute(
         count = m.sum(-1)
         pairs += int(count.sum())
         first = m.to(torch.uint8).argmax(-1)
-        start[:, :, r0:r1] = torch.where(count > 0, first, 0)
-        end[:, :, r0:r1] = torch.where(count > 0, first + count, 0)
-        if contiguous:  # one run of visible keys per row: at most one False -> True step
-            rises = (m[..., 1:] & ~m[..., :-1]).sum(-1) + m[..., 0]
-            contiguous = bool((rises <= 1).all())
+        if runs <= RUNS:  # runs of visible keys per row: the False -> True steps
+            rise = torch.cat([m[..., :1], m[..., 1:] & ~m[..., :-1]], -1)
+            runs = max(runs, min(int(rise.sum(-1).max()), RUNS + 1))
+            if runs <= 1:
+                start[:, :, r0:r1, 0] = torch.where(count > 0, first, 0)
+                end[:, :, r0:r1, 0] = torch.where(count > 0, first + count, 0)
+            elif runs <= RUNS:
+                run_id = rise.to(torch.uint8).cumsum(-1, dtype=torch.uint8)
+                for r in range(RUNS):
+                    sel = m & (run_id == r + 1)
+                    n_r = sel.sum(-1)
+                    first_r = sel.to(torch.uint8).argmax(-1)
+                    start[:, :, r0:r1, r] = torch.where(n_r > 0, first_r, 0)
+                    end[:, :, r0:r1, r] = torch.where(n_r > 0, first_r + n_r, 0)
         if box is not None:
             box.add(m[0, 0], count[0, 0], r0)
         pad_q = (-(r1 - r0)) % block_q
@@ -132,7 +143,7 @@ def compute(
         full[:, :, qb0:qb1] = m_all.view(shape).all(5).all(3)
     full &= any_
     kv_num, kv_idx = _compact(any_)
-    return BlockStructure(q_len, kv_len, block_q, block_k, kv_num, kv_idx, full, any_, pairs, start, end, contiguous,
+    return BlockStructure(q_len, kv_len, block_q, block_k, kv_num, kv_idx, full, any_, pairs, start, end, runs,
                           box.result() if box is not None else None)
 
 

@@ -9,8 +9,9 @@ when the call is causal and runs one of five backends, all computing the same fu
                boolean mask (no score modifiers). O(L^2) mask memory.
 ``tiled``      block-sparse FlashAttention in PyTorch (:mod:`attnlab.tiled`): visits only the
                tiles the mask touches, forward and backward, any device and float dtype.
-``native``     attnlab's C++ kernels (:mod:`attnlab.native`) when every query sees one contiguous
-               range of keys (sliding windows, 1-D neighborhoods, prefix-LM, documents) or, on a
+``native``     attnlab's C++ kernels (:mod:`attnlab.native`) when every query sees one or two
+               ranges of keys (sliding windows, 1-D neighborhoods, prefix-LM, documents, sinks
+               plus a window) or, on a
                2-D/3-D grid, one box of keys (neighborhoods without dilation, windows): CPU,
                float32/float64, forward only.
 ``flex``       FlexAttention (``torch.compile``-d by default) with the same block structure.
@@ -177,15 +178,16 @@ def _native_plan(call: Call):
         if _native.box_union(st.boxes, call.spatial, tile) > _native.MAX_BOX_KEYS:
             return f"the boxes of a {tile} query tile span more than {_native.MAX_BOX_KEYS} keys"
         return st, tile
-    if not st.contiguous:
-        return "the C++ range kernel needs each query's visible keys to be one contiguous range"
+    if st.runs > _blocks.RUNS:
+        return f"the C++ range kernel needs each query's visible keys to be at most {_blocks.RUNS} ranges"
     return st, None
 
 
 def run_native(call: Call, q, k, v):
     st, tile = _native_plan(call)
     if tile is None:
-        return _native.range_attention(q, k, v, st.start[0, 0], st.end[0, 0], call.scale)
+        runs = max(st.runs, 1)
+        return _native.range_attention(q, k, v, st.start[0, 0, :, :runs], st.end[0, 0, :, :runs], call.scale)
     return _native.box_attention(q, k, v, st.boxes, call.spatial, tile, call.scale)
 
 
@@ -254,7 +256,7 @@ def _sdpa_supports(call: Call) -> Optional[str]:
 
 
 NATIVE = Implementation("native", run_native, _native_supports,
-                        doc="C++ kernels for masks where each query sees one key range or grid box (CPU forward)")
+                        doc="C++ kernels for masks where each query sees 1-2 key ranges or a grid box (CPU forward)")
 REFERENCE = Implementation("reference", run_reference, doc="dense oracle on the materialized mask, O(L^2)")
 TILED = Implementation("tiled", run_tiled, doc="block-sparse FlashAttention in PyTorch, forward and backward, O(L)")
 FLEX = Implementation("flex", run_flex, _flex_supports, doc="FlexAttention block-sparse kernel (compiled)")
