@@ -35,6 +35,7 @@ store is created at version 1 and migrated forward like any old one, so there is
 from __future__ import annotations
 
 import json
+import random
 import re
 import sqlite3
 import time
@@ -183,12 +184,27 @@ class Store:
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Two processes opening a new store at once can get SQLITE_BUSY from the switch to WAL or
+        # the first schema write without SQLite's busy handler being consulted: retry until timeout.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._open(timeout)
+                return
+            except sqlite3.OperationalError as exc:
+                if getattr(self, "db", None) is not None:
+                    self.db.close()
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05 + 0.2 * random.random())
+
+    def _open(self, timeout: float):
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (one transaction per case).
         self.db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
         self.db.row_factory = sqlite3.Row
+        self.db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         self._migrate()
 
     # ---- schema --------------------------------------------------------------------------
