@@ -119,9 +119,7 @@ def chunked(fq, fk, v, S, *, chunk: int, log_decay=None, log_gates=None) -> Tupl
     fused C++ kernel (:func:`attnlab.native.linear_chunks`) computes the same thing.
     """
     B, H, L, F = fq.shape
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (fq, fk, v, S, log_decay, log_gates))
-    if S.dtype == fq.dtype and _native.unsupported(fq.device, fq.dtype, grad) is None:
+    if S.dtype == fq.dtype and _native.serves(fq, fk, v, S, log_decay, log_gates):
         S = S.clone(memory_format=torch.contiguous_format)
         return _native.linear_chunks(fq, fk, v, S, log_decay, chunk, log_gates), S
     per = chunk * max(1, SPAN // chunk)
@@ -151,8 +149,7 @@ def chunked_normalized(fq, fk, v, S, *, chunk: int, log_decay=None, normalize: b
     """:func:`chunked` then :func:`finish`: the output ``num / (den + eps)`` (or ``num``), and the state
     (``value_dim + 1`` columns when normalizing). The C++ kernel, where it serves, divides inside each
     chunk instead of appending a column of ones to ``v``."""
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (fq, fk, v, S, log_decay))
-    if normalize and S.dtype == fq.dtype and _native.unsupported(fq.device, fq.dtype, grad) is None:
+    if normalize and S.dtype == fq.dtype and _native.serves(fq, fk, v, S, log_decay):
         S = S.clone(memory_format=torch.contiguous_format)
         return _native.linear_chunks(fq, fk, v, S, log_decay, chunk, normalize_eps=eps), S
     raw, S = chunked(fq, fk, with_ones(v, normalize), S, chunk=chunk, log_decay=log_decay)
@@ -257,4 +254,5 @@ def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int 
     return fwd + bwd - diag
 
 
-__all__ = ["chunked", "chunked_normalized", "finish", "fused", "noncausal", "parallel", "scan_recurrent", "step", "weights", "with_ones"]
+__all__ = ["chunked", "chunked_normalized", "finish", "fused", "noncausal", "parallel", "scan_recurrent", "step",
+           "weights", "with_ones"]

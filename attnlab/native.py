@@ -96,6 +96,14 @@ def unsupported(device, dtype, requires_grad: bool) -> Optional[str]:
     return unavailable()
 
 
+def serves(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when the kernels serve these tensors (``None`` entries ignored): :func:`unsupported` for the
+    first one's device and dtype, with autograd recording when any of them requires grad."""
+    given = [t for t in tensors if t is not None]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in given)
+    return unsupported(given[0].device, given[0].dtype, grad) is None
+
+
 #: Query rows per work item and keys per online-softmax step of :func:`range_attention`. Measured
 #: with the sliding window (w=512, causal) at L=8192 on this project's 2-core CPU: 64 rows beat 32
 #: and 128 (less of the band's edge computed than with 128, bigger GEMMs than with 32).
@@ -133,12 +141,13 @@ def box_union(boxes: torch.Tensor, shape, tile) -> int:
     return int((hi - lo).clamp(min=0).prod(-1).max())
 
 
-def box_attention(q, k, v, boxes: torch.Tensor, shape, tile, scale: float):
+def box_attention(q, k, v, boxes: torch.Tensor, shape, tile, scale: float, keys: Optional[int] = None):
     """``(out, lse)`` of softmax attention on a grid where query ``i`` sees the keys whose
     coordinates lie in ``[boxes[i, :3], boxes[i, 3:])`` (axes padded in front to three; shared by
     every batch and head). q ``(B, H, N, D)``, k/v ``(B, Hkv, N, D|Dv)`` in raster order over
-    ``shape``; queries are processed in tiles of ``tile``."""
-    keys = box_union(boxes, shape, tile)
+    ``shape``; queries are processed in tiles of ``tile``. ``keys``: :func:`box_union` of these
+    boxes and tiles when the caller has it."""
+    keys = box_union(boxes, shape, tile) if keys is None else keys
     return tuple(module().box_attention(q, k, v, boxes, list(shape), list(tile), float(scale), max(keys, 1)))
 
 

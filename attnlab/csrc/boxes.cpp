@@ -79,9 +79,9 @@ void forward(const T* q, const T* k, const T* v, const int64_t* boxes, T* out, T
       for (int64_t z = u[0]; z < u[3]; ++z)
         for (int64_t y = u[1]; y < u[4]; ++y) {
           const int64_t first = (z * shape[1] + y) * shape[2] + u[2];
-          for (int64_t x = 0; x < ext[2]; ++x, ++j)
-            for (int64_t d = 0; d < D; ++d) kt[d * n + j] = kp[(first + x) * D + d];
-          std::copy(vp + first * Dv, vp + (first + ext[2]) * Dv, vb.data() + (j - ext[2]) * Dv);
+          attnlab::transpose(kp + first * D, ext[2], D, kt.data() + j, n);
+          std::copy(vp + first * Dv, vp + (first + ext[2]) * Dv, vb.data() + j * Dv);
+          j += ext[2];
         }
       attnlab::gemm(m, n, D, qs.data(), D, kt.data(), n, false, s.data(), n);
       std::vector<T> sums(m);

@@ -80,8 +80,7 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, T*
             }
             built = n;
           }
-          for (int64_t s = 0; s < n; ++s)
-            for (int64_t f = 0; f < F; ++f) kt[f * n + s] = kc[s * F + f];
+          attnlab::transpose(kc, n, F, kt.data(), n);
           attnlab::gemm(n, n, F, qc, F, kt.data(), n, false, scores.data(), n);
           for (int64_t x = 0; x < n * n; ++x) scores[x] *= w[x];
           if (l != T(0)) {

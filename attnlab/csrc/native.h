@@ -37,6 +37,14 @@ inline void gemm(int m, int n, int k, const double* a, int lda, const double* b,
   dgemm_(&t, &t, &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
 }
 
+// dst[c * ld_dst + r] = src[r * cols + c] for r < rows, c < cols: row-major rows laid out as the
+// columns of dst (keys transposed into the B operand of a scores GEMM).
+template <typename T>
+inline void transpose(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * cols + c];
+}
+
 // Call at the end of each thread's share of a parallel region that used gemm().
 inline void gemm_done() { at::native::cpublas::brgemm_release(); }
 

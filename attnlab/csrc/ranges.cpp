@@ -54,10 +54,7 @@ void forward(const T* q, const T* k, const T* v, const int64_t* start, const int
         }
         for (int64_t c0 = lo; c0 < hi; c0 += chunk) {
           const int64_t n = std::min(chunk, hi - c0);
-          for (int64_t j = 0; j < n; ++j) {
-            const T* kr = kp + (c0 + j) * D;
-            for (int64_t d = 0; d < D; ++d) kt[d * n + j] = kr[d];
-          }
+          attnlab::transpose(kp + c0 * D, n, D, kt.data(), n);
           attnlab::gemm(rows, n, D, qs.data(), D, kt.data(), n, false, s.data(), n);
           for (int64_t r = 0; r < rows; ++r) {
             T* sr = s.data() + r * n;

@@ -92,8 +92,7 @@ def banded_window(q, k, v, *, window: int, scale: float, causal: bool, block: in
     Lk = k.shape[2]
     off = Lk - Lq
     back, ahead = window - 1, (0 if causal else window - 1)
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if _native.unsupported(q.device, q.dtype, grad) is None:  # the same band, fused (C++ range kernel)
+    if _native.serves(q, k, v):  # the same band, fused (C++ range kernel)
         p = torch.arange(Lq, device=q.device) + off
         start, end = (p - back).clamp(0, Lk), (p + ahead + 1).clamp(0, Lk)
         return _native.range_attention(q, k, v, start, end, scale)[0]

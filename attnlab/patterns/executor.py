@@ -11,9 +11,8 @@ when the call is causal and runs one of five backends, all computing the same fu
                tiles the mask touches, forward and backward, any device and float dtype.
 ``native``     attnlab's C++ kernels (:mod:`attnlab.native`) when every query sees one or two
                ranges of keys (sliding windows, 1-D neighborhoods, prefix-LM, documents, sinks
-               plus a window) or, on a
-               2-D/3-D grid, one box of keys (neighborhoods without dilation, windows): CPU,
-               float32/float64, forward only.
+               plus a window) or, on a 2-D/3-D grid, one box of keys (neighborhoods without
+               dilation, windows): CPU, float32/float64, forward only.
 ``flex``       FlexAttention (``torch.compile``-d by default) with the same block structure.
                On CPU, torch's FlexAttention kernel is inference-only and does not return the
                LSE; it says so instead of falling back.
@@ -44,6 +43,7 @@ from .base import Geometry, Mask, causal as _causal_mask, token_order
 #: (a smaller tile wastes less of a window's edge) and ties on dense attention; 32 loses on dense.
 BLOCK = 64
 _FLEX_BLOCK_MASKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_BOX_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # structure -> its tiles' largest box union
 _COMPILED = {}
 
 
@@ -161,8 +161,9 @@ def run_flex(call: Call, q, k, v):
 
 
 def _native_plan(call: Call):
-    """``(structure, tile)`` for the native kernels: ``tile`` None runs the range kernel, else the box
-    kernel with query tiles of that shape; or a string saying why neither serves the call."""
+    """``(structure, tile, keys)`` for the native kernels: ``tile`` None runs the range kernel, else the
+    box kernel with query tiles of that shape whose boxes span at most ``keys`` keys; or a string
+    saying why neither serves the call."""
     mask, score = plan(call)
     if score is not None:
         return "the C++ kernels apply no score modifier"
@@ -175,20 +176,23 @@ def _native_plan(call: Call):
         if st.boxes is None:
             return "the C++ box kernel needs each query's visible keys to fill one box of the grid"
         tile = default_tile(call.spatial)
-        if _native.box_union(st.boxes, call.spatial, tile) > _native.MAX_BOX_KEYS:
+        keys = _BOX_KEYS.get(st)
+        if keys is None:
+            keys = _BOX_KEYS[st] = _native.box_union(st.boxes, call.spatial, tile)
+        if keys > _native.MAX_BOX_KEYS:
             return f"the boxes of a {tile} query tile span more than {_native.MAX_BOX_KEYS} keys"
-        return st, tile
+        return st, tile, keys
     if st.runs > _blocks.RUNS:
         return f"the C++ range kernel needs each query's visible keys to be at most {_blocks.RUNS} ranges"
-    return st, None
+    return st, None, None
 
 
 def run_native(call: Call, q, k, v):
-    st, tile = _native_plan(call)
+    st, tile, keys = _native_plan(call)
     if tile is None:
         runs = max(st.runs, 1)
         return _native.range_attention(q, k, v, st.start[0, 0, :, :runs], st.end[0, 0, :, :runs], call.scale)
-    return _native.box_attention(q, k, v, st.boxes, call.spatial, tile, call.scale)
+    return _native.box_attention(q, k, v, st.boxes, call.spatial, tile, call.scale, keys)
 
 
 def _flex_fn():
@@ -262,6 +266,6 @@ TILED = Implementation("tiled", run_tiled, doc="block-sparse FlashAttention in P
 FLEX = Implementation("flex", run_flex, _flex_supports, doc="FlexAttention block-sparse kernel (compiled)")
 SDPA = Implementation("sdpa", run_sdpa, _sdpa_supports, doc="SDPA with the materialized boolean mask, O(L^2)")
 
-#: Preference order for masked mechanisms: the C++ range kernel, then the compiled FlexAttention
+#: Preference order for masked mechanisms: the C++ kernels, then the compiled FlexAttention
 #: kernel, when they serve; else tiled.
 MASKED_IMPLS = (NATIVE, FLEX, TILED, SDPA, REFERENCE)
