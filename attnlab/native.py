@@ -13,16 +13,19 @@ tested against it):
                      or GLA's per-channel gates), walking the chunks of each (batch, head) with
                      the state in cache.
 
-Both do their GEMMs with the micro-kernel torch's own CPU attention uses (oneDNN BRGEMM, through
-ATen) on torch's OpenMP thread pool. The module is compiled with ``torch.utils.cpp_extension``
-(a C++17 compiler and ninja are needed) into ``$ATTNLAB_NATIVE_DIR`` (default
-``~/.cache/attnlab/native``), once per source change, torch version and CPU capability;
-``scripts/setup.sh`` builds it ahead (:func:`main`). ``ATTNLAB_NATIVE=0`` turns
-it off. When it cannot be built, :func:`unavailable` says why and every caller falls back to the
+``range_attention`` and ``linear_chunks`` do their GEMMs with the micro-kernel torch's own CPU
+attention uses (oneDNN BRGEMM, through ATen); ``box_attention`` has register-blocked micro-kernels
+of its own that read keys and values in place (tiles of a few queries waste less of a
+neighbourhood than a GEMM's blocks). All run on torch's OpenMP thread pool. The module is
+compiled with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja are needed) into
+``$ATTNLAB_NATIVE_DIR`` (default ``~/.cache/attnlab/native``), once per source change, torch
+version and CPU capability; ``scripts/setup.sh`` builds it ahead (:func:`main`).
+``ATTNLAB_NATIVE=0`` turns it off. When it cannot be built, :func:`unavailable` says why and every caller falls back to the
 PyTorch path; nothing requires it.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -117,14 +120,17 @@ def range_attention(q, k, v, start: torch.Tensor, end: torch.Tensor, scale: floa
     return tuple(module().range_attention(q, k, v, start, end, float(scale), BLOCK_Q, CHUNK))
 
 
-#: Largest union of key boxes one query tile of :func:`box_attention` may gather (its score buffer is
-#: tile x this many floats per thread); larger neighbourhoods use the other implementations.
+#: Largest union of key boxes one query tile of :func:`box_attention` may span; larger neighbourhoods
+#: use the other implementations.
 MAX_BOX_KEYS = 16384
+#: Queries in one tile of :func:`box_attention` at most (its micro-kernels keep every query's
+#: accumulators in registers), and the lanes of one of its vectors of keys (float32).
+MAX_TILE, LANES = 8, 8
 
 
-def box_union(boxes: torch.Tensor, shape, tile) -> int:
-    """The most keys any query tile's union of boxes covers (``boxes`` ``(N, 6)`` as for
-    :func:`box_attention`, raster order over ``shape``)."""
+def _tile_unions(boxes: torch.Tensor, shape, tile) -> torch.Tensor:
+    """``(tiles, 3)`` extents of the union of each query tile's boxes (0 where every box is empty);
+    ``boxes`` ``(N, 6)`` as for :func:`box_attention`, raster order over ``shape``."""
     pad = (1,) * (3 - len(shape))
     shape3, tile3 = pad + tuple(shape), pad + tuple(tile)
     b = boxes.view(*shape3, 6)
@@ -138,16 +144,54 @@ def box_union(boxes: torch.Tensor, shape, tile) -> int:
         hi = torch.nn.functional.pad(hi.movedim(a, -1), (0, n - shape3[a]), value=-1)
         lo = lo.unflatten(-1, (n // t, t)).amin(-1).movedim(-1, a)
         hi = hi.unflatten(-1, (n // t, t)).amax(-1).movedim(-1, a)
-    return int((hi - lo).clamp(min=0).prod(-1).max())
+    return (hi - lo).clamp(min=0).reshape(-1, 3)
 
 
-def box_attention(q, k, v, boxes: torch.Tensor, shape, tile, scale: float, keys: Optional[int] = None):
+def box_union(boxes: torch.Tensor, shape, tile) -> int:
+    """The most keys any query tile's union of boxes covers (``boxes`` ``(N, 6)`` as for
+    :func:`box_attention`, raster order over ``shape``)."""
+    return int(_tile_unions(boxes, shape, tile).prod(-1).max())
+
+
+def box_tile(boxes: torch.Tensor, shape) -> tuple:
+    """The query tile :func:`box_attention` runs these boxes with: of the tiles of at most
+    :data:`MAX_TILE` queries, the one computing the fewest scores per query, counting whole vectors
+    of :data:`LANES` keys along the last axis and weighing a tile of ``M`` queries by ``1 + 0.5/M``
+    (each step of the scores kernel loads one value of every query: small tiles are bound by
+    loads); tiles of fewer than 4 queries only where the grid has none bigger. Measured with 23x23
+    (64x128 grid) and 8x8x8 (16x16x32) neighbourhoods: 2x2, 4x1, 4x2 and 3x2 within 4% of each other,
+    2x2x1 best in 3-D (2x3x1 6% slower), 1x2 1.4x and 2x2x2 1.3x slower; the cost picks 3x2 and 2x2x1."""
+    import itertools
+
+    n = len(shape)
+    candidates = [t for t in itertools.product(range(1, MAX_TILE + 1), repeat=n)
+                  if math.prod(t) <= MAX_TILE and all(a <= s for a, s in zip(t, shape))]
+    biggest = max(math.prod(t) for t in candidates)
+    best, best_cost = None, math.inf
+    for t in candidates:
+        M = math.prod(t)
+        if M < min(4, biggest):
+            continue
+        ext = _tile_unions(boxes, shape, t).double()
+        scores = ext[:, 0] * ext[:, 1] * torch.ceil(ext[:, 2] / LANES) * LANES
+        cost = float(scores.mean()) * (1 + 0.5 / M)  # each query computes every score of its tile
+        if cost < best_cost - 1e-9 or (abs(cost - best_cost) <= 1e-9 and M > math.prod(best)):
+            best, best_cost = t, cost
+    return best
+
+
+def box_attention(q, k, v, boxes: torch.Tensor, shape, tile=None, scale: float = None, keys: Optional[int] = None):
     """``(out, lse)`` of softmax attention on a grid where query ``i`` sees the keys whose
     coordinates lie in ``[boxes[i, :3], boxes[i, 3:])`` (axes padded in front to three; shared by
     every batch and head). q ``(B, H, N, D)``, k/v ``(B, Hkv, N, D|Dv)`` in raster order over
-    ``shape``; queries are processed in tiles of ``tile``. ``keys``: :func:`box_union` of these
-    boxes and tiles when the caller has it."""
+    ``shape``. ``tile``: the query tile (at most :data:`MAX_TILE` queries; default
+    :func:`box_tile`); ``keys``: :func:`box_union` of these boxes and tile when the caller has it;
+    ``scale`` defaults to ``D ** -0.5``."""
+    tile = box_tile(boxes, shape) if tile is None else tuple(tile)
+    if math.prod(tile) > MAX_TILE:
+        raise ValueError(f"tile: at most {MAX_TILE} queries, got {tile}")
     keys = box_union(boxes, shape, tile) if keys is None else keys
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     return tuple(module().box_attention(q, k, v, boxes, list(shape), list(tile), float(scale), max(keys, 1)))
 
 

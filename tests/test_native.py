@@ -119,16 +119,22 @@ def _random_boxes(shape, g):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
-@pytest.mark.parametrize("shape,tile,Hq,Hkv", [((9, 13), (4, 8), 4, 2), ((5, 6, 7), (2, 4, 4), 2, 2), ((3, 40), (1, 64), 2, 1)])
-def test_box_attention_equals_reference(dtype, tol, shape, tile, Hq, Hkv):
+@pytest.mark.parametrize("shape,tile,Hq,Hkv,D,Dv", [
+    ((9, 13), (2, 2), 4, 2, 16, 8),  # Dv below one wide vector (float): the scalar tail
+    ((5, 6, 7), (2, 2, 2), 2, 2, 16, 40),  # 2 wide vectors and a tail (float), 5 (double)
+    ((3, 40), (1, 8), 2, 1, 64, 64),
+    ((9, 13), (3, 1), 1, 1, 5, 24),  # partial tiles (9 = 3 x 3 rows; 13 columns)
+    ((5, 6, 7), (1, 1, 5), 2, 1, 33, 48),
+    ((4, 4), (1, 1), 1, 1, 8, 16)])
+def test_box_attention_equals_reference(dtype, tol, shape, tile, Hq, Hkv, D, Dv):
     N = int(torch.tensor(shape).prod())
-    q, k, v = _qkv(2, Hq, Hkv, N, N, 16, 8, dtype)
+    q, k, v = _qkv(2, Hq, Hkv, N, N, D, Dv, dtype)
     boxes = _random_boxes(shape, torch.Generator().manual_seed(3))
     full = (1,) * (3 - len(shape)) + tuple(shape)
     coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in full], indexing="ij")).reshape(3, -1)  # (3, N)
     mask = ((coords.T[None] >= boxes[:, None, :3]) & (coords.T[None] < boxes[:, None, 3:])).all(-1)
     ref, ref_lse = reference.attention(q, k, v, mask=mask, return_lse=True)
-    out, lse = native.box_attention(q, k, v, boxes, shape, tile, 16 ** -0.5)
+    out, lse = native.box_attention(q, k, v, boxes, shape, tile, D ** -0.5)
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     torch.testing.assert_close(lse, ref_lse, atol=tol, rtol=tol)
     # the union bound the kernel sizes its buffers by, against a brute-force count per tile
@@ -142,6 +148,22 @@ def test_box_attention_equals_reference(dtype, tol, shape, tile, Hq, Hkv):
         if len(b):
             want = max(want, int((b[:, 3:].amax(0) - b[:, :3].amin(0)).prod()))
     assert native.box_union(boxes, shape, tile) == want
+
+
+def test_box_tile_choice_and_bad_tile():
+    m = attnlab.mechanism("neighborhood")
+    chosen = {}
+    for shape, kernel in [((64, 128), 23), ((16, 16, 32), 8), ((20, 24), 7)]:
+        q = torch.randn(1, 1, *shape, 4)
+        st, tile, keys = executor._native_plan(m.prepare(q, q, q, kernel_size=kernel))
+        chosen[len(shape), kernel] = tile
+        assert tile == native.box_tile(st.boxes, shape) and keys == native.box_union(st.boxes, shape, tile)
+    # the tiles measured fastest (module docstring): 2-D 23x23 and 7x7 in 2x2..4x2, 3-D 8x8x8 2x2x1
+    assert chosen[2, 23] in {(2, 2), (3, 2), (4, 1), (4, 2)} and chosen[2, 7] in {(2, 2), (3, 2), (4, 1), (4, 2)}
+    assert chosen[3, 8] == (2, 2, 1)
+    q = torch.randn(1, 1, 16, 4)
+    with pytest.raises(ValueError, match="tile: at most 8 queries"):
+        native.box_attention(q, q, q, torch.tensor([[0, 0, 0, 1, 4, 4]] * 16), (4, 4), (3, 3))
 
 
 @pytest.mark.parametrize("params", [dict(kernel_size=7), dict(kernel_size=(5, 9), stride=(2, 3)),

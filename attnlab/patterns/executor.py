@@ -43,7 +43,7 @@ from .base import Geometry, Mask, causal as _causal_mask, token_order
 #: (a smaller tile wastes less of a window's edge) and ties on dense attention; 32 loses on dense.
 BLOCK = 64
 _FLEX_BLOCK_MASKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_BOX_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # structure -> its tiles' largest box union
+_BOX_TILES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # structure -> (box kernel tile, its union bound)
 _COMPILED = {}
 
 
@@ -175,10 +175,11 @@ def _native_plan(call: Call):
     if call.spatial and len(call.spatial) > 1:
         if st.boxes is None:
             return "the C++ box kernel needs each query's visible keys to fill one box of the grid"
-        tile = default_tile(call.spatial)
-        keys = _BOX_KEYS.get(st)
-        if keys is None:
-            keys = _BOX_KEYS[st] = _native.box_union(st.boxes, call.spatial, tile)
+        planned = _BOX_TILES.get(st)
+        if planned is None:
+            tile = _native.box_tile(st.boxes, call.spatial)
+            planned = _BOX_TILES[st] = tile, _native.box_union(st.boxes, call.spatial, tile)
+        tile, keys = planned
         if keys > _native.MAX_BOX_KEYS:
             return f"the boxes of a {tile} query tile span more than {_native.MAX_BOX_KEYS} keys"
         return st, tile, keys
