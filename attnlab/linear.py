@@ -23,6 +23,7 @@ in log space and are only exponentiated as differences ``<= 0``, so nothing over
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -35,6 +36,32 @@ from .recurrent import SPAN  # tokens computed at once (whole chunks); the state
 _GATE_RANGE = {torch.float32: 60.0, torch.float64: 600.0}
 #: Gated intra-chunk work is (C, C, F) per chunk; chunks are processed in groups of about this many floats.
 _GATED_GROUP_FLOATS = 1 << 22
+
+
+#: Feature maps the chunked form can apply itself, chunk by chunk (:func:`chunked`'s ``feature``;
+#: the C++ kernel then reads q and k as they are, with no mapped copies in memory): the
+#: elementwise ones, and BASED's Taylor map.
+FEATURES = _native.LINEAR_FEATURES
+ELEMENTWISE = FEATURES[:3]
+
+
+def feature_map(name: str, x: torch.Tensor, feature_dim: int = 0) -> torch.Tensor:
+    """``φ(x)`` for the maps of :data:`FEATURES`: identity, elu+1 (Linear Transformer), relu, and
+    ``taylor``: BASED's 2nd-order Taylor map of the first ``feature_dim`` channels ``x'``,
+    ``φ(x) = [1, x'/d'^¼, vec(x' ⊗ x')/(√2 √d')]`` (``1 + d' + d'²`` features), so that
+    ``φ(q)·φ(k) = 1 + s + s²/2`` with ``s = q'·k'/√d'``."""
+    if name == "elu+1":
+        return torch.nn.functional.elu(x).add_(1)  # in place on elu's fresh output (its backward reads x)
+    if name == "relu":
+        return torch.relu(x)
+    if name == "identity":
+        return x
+    if name == "taylor":
+        x = x[..., :feature_dim]
+        outer = (x[..., :, None] * x[..., None, :]).flatten(-2)
+        return torch.cat([x.new_ones(x.shape[:-1] + (1,)), x * feature_dim ** -0.25,
+                          outer / (math.sqrt(2) * math.sqrt(feature_dim))], dim=-1)
+    raise ValueError(f"feature: one of {FEATURES}, got {name!r}")
 
 
 def with_ones(v: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -109,8 +136,11 @@ def scan_recurrent(fq, fk, v, S, *, log_decay=None, log_gates=None) -> Tuple[tor
 # --------------------------------------------------------------------------------------------
 # Chunked form
 # --------------------------------------------------------------------------------------------
-def chunked(fq, fk, v, S, *, chunk: int, log_decay=None, log_gates=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Causal, aligned (``Lq == Lk``); returns (raw, S).
+def chunked(fq, fk, v, S, *, chunk: int, log_decay=None, log_gates=None, feature: str = "identity",
+            q_scale: float = 1.0, feature_dim: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Causal, aligned (``Lq == Lk``); returns (raw, S). ``fq, fk`` are the features, or with a
+    ``feature`` map (:func:`feature_map`) the queries and keys it maps, the queries then multiplied
+    by ``q_scale``.
 
     Spans of about :data:`SPAN` tokens (whole chunks) are computed one after another, each with all
     its chunks at once and the state carried between spans, so the working set stays in cache and
@@ -121,7 +151,9 @@ def chunked(fq, fk, v, S, *, chunk: int, log_decay=None, log_gates=None) -> Tupl
     B, H, L, F = fq.shape
     if S.dtype == fq.dtype and _native.serves(fq, fk, v, S, log_decay, log_gates):
         S = S.clone(memory_format=torch.contiguous_format)
-        return _native.linear_chunks(fq, fk, v, S, log_decay, chunk, log_gates), S
+        return _native.linear_chunks(fq, fk, v, S, log_decay, chunk, log_gates, feature=feature, q_scale=q_scale,
+                                     feature_dim=feature_dim), S
+    fq, fk = _mapped(fq, fk, feature, q_scale, feature_dim)
     per = chunk * max(1, SPAN // chunk)
     consts = {}
     outs = []
@@ -145,15 +177,44 @@ def chunked(fq, fk, v, S, *, chunk: int, log_decay=None, log_gates=None) -> Tupl
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0], S
 
 
-def chunked_normalized(fq, fk, v, S, *, chunk: int, log_decay=None, normalize: bool, eps: float):
+def chunked_normalized(fq, fk, v, S, *, chunk: int, log_decay=None, normalize: bool, eps: float,
+                       feature: str = "identity", q_scale: float = 1.0, feature_dim: int = 0):
     """:func:`chunked` then :func:`finish`: the output ``num / (den + eps)`` (or ``num``), and the state
     (``value_dim + 1`` columns when normalizing). The C++ kernel, where it serves, divides inside each
     chunk instead of appending a column of ones to ``v``."""
     if normalize and S.dtype == fq.dtype and _native.serves(fq, fk, v, S, log_decay):
         S = S.clone(memory_format=torch.contiguous_format)
-        return _native.linear_chunks(fq, fk, v, S, log_decay, chunk, normalize_eps=eps), S
-    raw, S = chunked(fq, fk, with_ones(v, normalize), S, chunk=chunk, log_decay=log_decay)
+        return _native.linear_chunks(fq, fk, v, S, log_decay, chunk, normalize_eps=eps, feature=feature,
+                                     q_scale=q_scale, feature_dim=feature_dim), S
+    raw, S = chunked(fq, fk, with_ones(v, normalize), S, chunk=chunk, log_decay=log_decay, feature=feature,
+                     q_scale=q_scale, feature_dim=feature_dim)
     return finish(raw, normalize, eps), S
+
+
+def chunked_centred(fq, fk, v, S, value_sum, count: int, *, chunk: int, scale: float):
+    """InLine's causal centred form (:mod:`attnlab.entries.inline`): with ``[num | den]`` of
+    :func:`chunked` over ``[v, 1]`` and ``N_i = count + i + 1`` tokens seen,
+    ``o_i = scale/N_i (num_i - den_i ū_i) + ū_i``, ``ū_i`` = (``value_sum`` + the values up to ``i``) / ``N_i``.
+    Returns ``(o, S, value_sum after the segment)``; the C++ kernel, where it serves, finishes each
+    chunk as it goes."""
+    if S.dtype == fq.dtype and _native.serves(fq, fk, v, S, value_sum):
+        S, vsum = S.clone(memory_format=torch.contiguous_format), value_sum.clone(memory_format=torch.contiguous_format)
+        return _native.linear_chunks(fq, fk, v, S, None, chunk, centre=(vsum, scale, count)), S, vsum
+    raw, S = chunked(fq, fk, with_ones(v, True), S, chunk=chunk)
+    N = count + torch.arange(1, v.shape[2] + 1, device=v.device, dtype=v.dtype)[:, None]
+    vsum = value_sum[:, :, None] + v.cumsum(2)
+    return finish_centred(raw, vsum / N, N, scale), S, vsum[:, :, -1]
+
+
+def finish_centred(raw: torch.Tensor, ubar, count, scale: float) -> torch.Tensor:
+    """InLine's output from the raw ``[num | den]``: ``scale/count (num - den ū) + ū``."""
+    return scale / count * (raw[..., :-1] - raw[..., -1:] * ubar) + ubar
+
+
+def _mapped(q, k, feature: str, q_scale: float, feature_dim: int):
+    """``(φ(q) · q_scale, φ(k))``, no copy for the identity and a unit scale."""
+    fq = feature_map(feature, q, feature_dim)
+    return (fq if q_scale == 1.0 else fq * q_scale), feature_map(feature, k, feature_dim)
 
 
 def fused(call) -> bool:
@@ -254,5 +315,5 @@ def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int 
     return fwd + bwd - diag
 
 
-__all__ = ["chunked", "chunked_normalized", "finish", "fused", "noncausal", "parallel", "scan_recurrent", "step",
+__all__ = ["ELEMENTWISE", "FEATURES", "chunked", "chunked_centred", "chunked_normalized", "feature_map", "finish", "finish_centred", "fused", "noncausal", "parallel", "scan_recurrent", "step",
            "weights", "with_ones"]

@@ -195,14 +195,28 @@ def box_attention(q, k, v, boxes: torch.Tensor, shape, tile=None, scale: float =
     return tuple(module().box_attention(q, k, v, boxes, list(shape), list(tile), float(scale), max(keys, 1)))
 
 
+#: Feature maps :func:`linear_chunks` applies itself, chunk by chunk, by name (its ``feature`` codes):
+#: see :func:`attnlab.linear.feature_map`.
+LINEAR_FEATURES = ("identity", "elu+1", "relu", "taylor")
+
+
 def linear_chunks(q, k, v, state: torch.Tensor, log_decay: Optional[torch.Tensor], chunk: int,
-                  log_gates: Optional[torch.Tensor] = None, normalize_eps: Optional[float] = None) -> torch.Tensor:
-    """Causal chunked linear attention (see :func:`attnlab.linear.chunked`), with a per-head decay
-    or per-channel gates; ``state`` is updated in place. Returns the raw output, or with
+                  log_gates: Optional[torch.Tensor] = None, normalize_eps: Optional[float] = None,
+                  feature: str = "identity", q_scale: float = 1.0, centre: Optional[tuple] = None,
+                  feature_dim: int = 0) -> torch.Tensor:
+    """Causal chunked linear attention (see :func:`attnlab.linear.chunked`) of ``φ(q) · q_scale`` and
+    ``φ(k)`` with ``φ`` one of :data:`LINEAR_FEATURES` (``taylor`` of the first ``feature_dim``
+    channels), with a per-head decay or per-channel gates
+    (``(B|1, H|1, L, F|1)``); ``state`` is updated in place. Returns the raw output, or with
     ``normalize_eps`` the normalized one ``num / (den + eps)`` (``state`` then has ``Dv + 1``
-    columns, the last one the normalizer's, as :func:`attnlab.linear.with_ones` builds it)."""
+    columns, the last one the normalizer's, as :func:`attnlab.linear.with_ones` builds it), or with
+    ``centre = (value_sum, scale, count)`` InLine's centred one (:func:`attnlab.linear.chunked_centred`;
+    ``value_sum`` ``(B, H, Dv)`` is updated in place)."""
     eps = None if normalize_eps is None else float(normalize_eps)
-    return module().linear_chunks(q, k, v, state, log_decay, log_gates, int(chunk), eps)
+    vsum, cscale, count = centre if centre is not None else (None, 0.0, 0)
+    return module().linear_chunks(q, k, v, state, log_decay, log_gates, int(chunk), eps,
+                                  LINEAR_FEATURES.index(feature), int(feature_dim), float(q_scale), vsum, float(cscale),
+                                  int(count))
 
 
 def main() -> int:

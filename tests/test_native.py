@@ -234,6 +234,49 @@ def test_linear_chunks_normalized_equal_parallel_form(dtype, tol, decay):
     torch.testing.assert_close(S, S_end, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("feature", K.FEATURES)
+@pytest.mark.parametrize("mode", ["raw", "normalized", "token_gates"])
+def test_linear_chunks_map_features_and_scale_queries_themselves(dtype, tol, feature, mode):
+    """φ (the Taylor map of the first 3 of 8 channels: 13 features) and the query factor applied
+    chunk by chunk inside the kernel equal mapping first (PyTorch); gates of shape (B, H, L, 1)
+    broadcast over the channels as an expanded copy would."""
+    B, H, L, D, Dv, d = 2, 3, 150, 8, 5, 3
+    F = 1 + d + d * d if feature == "taylor" else D
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    v = torch.randn(B, H, L, Dv, generator=g, dtype=torch.float64).to(dtype)
+    gates = -0.1 * torch.rand(B, H, L, 1, generator=g, dtype=torch.float64).to(dtype) if mode == "token_gates" else None
+    normalized, scale = mode == "normalized", (1.0 if mode == "normalized" else 0.37)
+    S = torch.zeros(B, H, F, Dv + normalized, dtype=dtype)
+    out = native.linear_chunks(q, k, v, S, None, 64, gates, normalize_eps=1e-3 if normalized else None,
+                               feature=feature, q_scale=scale, feature_dim=d)
+    fq, fk = K.feature_map(feature, q, d) * scale, K.feature_map(feature, k, d)
+    full = None if gates is None else gates.expand(B, H, L, F)
+    want = K.parallel(fq, fk, K.with_ones(v, normalized), causal=True, log_gates=full)
+    torch.testing.assert_close(out, K.finish(want, normalized, 1e-3), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="feature: one of"):
+        K.feature_map("tanh", q)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_linear_chunks_centred_equal_the_pytorch_form(dtype, tol):
+    """InLine's centred finish inside the kernel, continuing a state and a value sum, against the
+    PyTorch path (taken when the inputs require grad)."""
+    B, H, L, F, Dv, count = 2, 3, 150, 8, 5, 40
+    g = torch.Generator().manual_seed(6)
+    fq, fk = (torch.randn(B, H, L, F, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    v = torch.randn(B, H, L, Dv, generator=g, dtype=torch.float64).to(dtype)
+    S0 = torch.randn(B, H, F, Dv + 1, generator=g, dtype=torch.float64).to(dtype)
+    vsum0 = torch.randn(B, H, Dv, generator=g, dtype=torch.float64).to(dtype)
+    S_before, vsum_before = S0.clone(), vsum0.clone()
+    got = K.chunked_centred(fq, fk, v, S0, vsum0, count, chunk=64, scale=0.3)
+    want = K.chunked_centred(fq.clone().requires_grad_(), fk, v, S0, vsum0, count, chunk=64, scale=0.3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.detach(), atol=tol, rtol=tol)
+    assert torch.equal(vsum0, vsum_before) and torch.equal(S0, S_before)  # the caller's tensors are not updated
+
+
 def test_chunked_form_uses_the_kernel_only_without_autograd():
     q, k, v = _qkv(1, 2, 2, 96, 96, 16, 16, torch.float32)
     m = attnlab.mechanism("lightning")

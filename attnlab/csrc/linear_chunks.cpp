@@ -7,6 +7,8 @@
 //   scores = (Q_c K_c^T) * W,   W[t][s] = exp(lam (t - s)) for s <= t, else 0
 //   out_c  = scores V_c + (Q_c * exp(lam (t + 1))) S
 //   S      = exp(lam n) S + (K_c * exp(lam (n - 1 - s)))^T V_c
+// One log gate per token (gates of shape (B, H, L, 1)): as the per-head decay, with lam (t - s)
+// replaced by G_t - G_s, G = cumsum of the gates within the chunk (every exponent <= 0).
 // Per-channel log gates g <= 0 (GLA), G = cumsum of g within the chunk, last = G[n - 1]:
 //   scores[t][s] = sum_f q_tf k_sf exp(G_tf - G_sf) for s <= t: one GEMM of Q*exp(G) and K*exp(-G)
 //                  when the chunk's gates sum to less than RANGE (exp stays far inside the dtype),
@@ -15,8 +17,17 @@
 //   S      = exp(last) * S (row f scaled) + (K_c * exp(last - G))^T V_c
 // With the normalizer (Linear Transformer), z = sum of the (decayed) keys rides in the state's last
 // column and each output row is divided by its denominator in the chunk, so nothing is appended
-// to V. Four small GEMMs per chunk (attnlab::gemm). (batch, head) pairs run in parallel on torch's
+// to V. InLine's centred form (no decay) uses the same denominator differently: with the running
+// sum of the values (`centre`, updated in place) and N = the tokens seen so far,
+//   out = centre_scale / N (num - den u) + u,   u = (sum of the values) / N. Four small GEMMs per chunk (attnlab::gemm). (batch, head) pairs run in parallel on torch's
 // thread pool.
+//
+// The feature map, when elementwise (identity, elu+1, relu: `feature` 0, 1, 2) or BASED's Taylor map
+// (`feature` 3: phi(x) = [1, x'/d^(1/4), vec(x' x'^T)/(sqrt 2 sqrt d)] of the first d = taylor_dim
+// channels x', F = 1 + d + d^2 features from rows of Din channels), and a factor on the queries are
+// applied chunk by chunk as the chunk is read, so the caller passes q and k as they are: mapping
+// them first would be two more passes over L x F floats in memory. Gates of shape
+// (B, H, L, 1) (one per token, shared by the channels) are read as they are too.
 #include "native.h"
 #include <ATen/Parallel.h>
 
@@ -29,28 +40,64 @@ namespace {
 template <typename T>
 constexpr T kRange = std::is_same_v<T, float> ? T(60) : T(600);  // as attnlab/linear.py's _GATE_RANGE
 
+// dst (rows x F) = factor * phi(src (rows x Din)); phi by `feature` (0 identity, 1 elu + 1, 2 relu:
+// F = Din; 3 Taylor of the first d channels: F = 1 + d + d^2).
 template <typename T>
-void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, T* state, T* out, int64_t BH,
-            int64_t H, int64_t L, int64_t F, int64_t Dv, int64_t C, bool normalize, T eps) {
+void feature_map(const T* src, int64_t rows, int64_t Din, int64_t F, int feature, int64_t d, T factor, T* dst) {
+  if (feature == 3) {
+    const T c1 = factor * T(std::pow(double(d), -0.25)), c2 = factor / T(std::sqrt(2.0 * double(d)));
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* x = src + r * Din;
+      T* y = dst + r * F;
+      y[0] = factor;
+      for (int64_t i = 0; i < d; ++i) y[1 + i] = c1 * x[i];
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < d; ++j) y[1 + d + i * d + j] = c2 * x[i] * x[j];
+    }
+    return;
+  }
+  for (int64_t x = 0; x < rows * F; ++x) {
+    const T a = src[x];
+    dst[x] = factor * (feature == 1 ? (a > 0 ? a + T(1) : std::exp(a)) : feature == 2 ? std::max(a, T(0)) : a);
+  }
+}
+
+template <typename T>
+void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, int64_t gate_cols, T* state, T* out,
+            int64_t BH, int64_t H, int64_t L, int64_t Din, int64_t F, int64_t Dv, int64_t C, bool normalize, T eps,
+            int feature, int64_t taylor_dim, T q_scale, T* centre, T centre_scale, int64_t count0) {
   const int64_t Ds = Dv + (normalize ? 1 : 0);  // state row: Dv value columns, then the normalizer z
+  const bool map_q = feature != 0 || q_scale != T(1), map_k = feature != 0;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> kt(F * C), scores(C * C), qs(C * F), G(C * F), w(C * C), qdecay(C), kdecay(C), den(C);
+    std::vector<T> kt(F * C), scores(C * C), qs(C * F), G(C * F), Gt(C), w(C * C), qdecay(C), kdecay(C), qm, km;
+    if (map_q) qm.resize(C * F);
+    if (map_k) km.resize(C * F);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const T l = lam ? lam[bh % H] : T(0);
       T* S = state + bh * F * Ds;
       int64_t built = -1;  // chunk length the decay tables were built for
       for (int64_t c0 = 0; c0 < L; c0 += C) {
         const int64_t n = std::min(C, L - c0);
-        const T* qc = q + (bh * L + c0) * F;
-        const T* kc = k + (bh * L + c0) * F;
+        const T* qc = q + (bh * L + c0) * Din;
+        const T* kc = k + (bh * L + c0) * Din;
+        if (map_q) {
+          feature_map(qc, n, Din, F, feature, taylor_dim, q_scale, qm.data());
+          qc = qm.data();
+        }
+        if (map_k) {
+          feature_map(kc, n, Din, F, feature, taylor_dim, T(1), km.data());
+          kc = km.data();
+        }
         const T* vc = v + (bh * L + c0) * Dv;
         T* oc = out + (bh * L + c0) * Dv;
         const T* qread = qc;  // Q', the queries as they read the state
         const T* last = nullptr;
-        if (gates) {
-          const T* gc = gates + (bh * L + c0) * F;
+        T chunk_decay = std::exp(l * T(n));  // of the state across the chunk (per-channel gates: `last`)
+        if (gates && gate_cols > 1) {
+          const T* gc = gates + (bh * L + c0) * gate_cols;
           for (int64_t t = 0; t < n; ++t)
-            for (int64_t f = 0; f < F; ++f) G[t * F + f] = gc[t * F + f] + (t ? G[(t - 1) * F + f] : T(0));
+            for (int64_t f = 0; f < F; ++f)
+              G[t * F + f] = gc[t * gate_cols + (gate_cols == 1 ? 0 : f)] + (t ? G[(t - 1) * F + f] : T(0));
           last = G.data() + (n - 1) * F;
           for (int64_t x = 0; x < n * F; ++x) qs[x] = qc[x] * std::exp(G[x]);
           qread = qs.data();
@@ -72,7 +119,17 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, T*
           for (int64_t s = 0; s < n; ++s)
             for (int64_t f = 0; f < F; ++f) kt[f * n + s] = kc[s * F + f] * std::exp(last[f] - G[s * F + f]);
         } else {
-          if (n != built) {
+          if (gates) {  // one gate per token: G_t = cumsum, the per-head decay's tables from G
+            const T* gc = gates + bh * L + c0;
+            for (int64_t t = 0; t < n; ++t) Gt[t] = gc[t] + (t ? Gt[t - 1] : T(0));
+            for (int64_t t = 0; t < n; ++t) {
+              for (int64_t s = 0; s < n; ++s) w[t * n + s] = s <= t ? std::exp(Gt[t] - Gt[s]) : T(0);
+              qdecay[t] = std::exp(Gt[t]);
+              kdecay[t] = std::exp(Gt[n - 1] - Gt[t]);
+            }
+            chunk_decay = qdecay[n - 1];
+            built = -1;
+          } else if (n != built) {
             for (int64_t t = 0; t < n; ++t) {
               for (int64_t s = 0; s < n; ++s) w[t * n + s] = s <= t ? std::exp(l * T(t - s)) : T(0);
               qdecay[t] = std::exp(l * T(t + 1));
@@ -83,7 +140,7 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, T*
           attnlab::transpose(kc, n, F, kt.data(), n);
           attnlab::gemm(n, n, F, qc, F, kt.data(), n, false, scores.data(), n);
           for (int64_t x = 0; x < n * n; ++x) scores[x] *= w[x];
-          if (l != T(0)) {
+          if (l != T(0) || gates) {
             for (int64_t t = 0; t < n; ++t)
               for (int64_t f = 0; f < F; ++f) qs[t * F + f] = qc[t * F + f] * qdecay[t];
             qread = qs.data();
@@ -93,17 +150,28 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, T*
         }
         attnlab::gemm(n, Dv, n, scores.data(), n, vc, Dv, false, oc, Dv);  // intra-chunk
         attnlab::gemm(n, Dv, F, qread, F, S, Ds, true, oc, Dv);             // + the state before it
-        if (normalize) {  // den = row sums of the scores + Q' z; out = num / (den + eps)
+        if (normalize) {  // den = row sums of the scores + Q' z
+          T* vs = centre ? centre + bh * Dv : nullptr;
           for (int64_t t = 0; t < n; ++t) {
             T d = 0;
             for (int64_t s2 = 0; s2 < n; ++s2) d += scores[t * n + s2];
             for (int64_t f = 0; f < F; ++f) d += qread[t * F + f] * S[f * Ds + Dv];
-            const T inv = T(1) / (d + eps);
-            for (int64_t x = 0; x < Dv; ++x) oc[t * Dv + x] *= inv;
+            T* o = oc + t * Dv;
+            if (vs) {  // InLine: a/N (num - den u) + u, u = (sum of the values so far) / N
+              const T N = T(count0 + c0 + t + 1), a = centre_scale / N;
+              for (int64_t x = 0; x < Dv; ++x) {
+                vs[x] += vc[t * Dv + x];
+                const T u = vs[x] / N;
+                o[x] = a * (o[x] - d * u) + u;
+              }
+            } else {  // num / (den + eps)
+              const T inv = T(1) / (d + eps);
+              for (int64_t x = 0; x < Dv; ++x) o[x] *= inv;
+            }
           }
         }
         for (int64_t f = 0; f < F; ++f) {  // S = decay over the chunk (per row) * S + K'^T [V_c, 1]
-          const T across = last ? std::exp(last[f]) : std::exp(l * T(n));
+          const T across = last ? std::exp(last[f]) : chunk_decay;
           if (across != T(1))
             for (int64_t d = 0; d < Ds; ++d) S[f * Ds + d] *= across;
           if (normalize) {
@@ -121,24 +189,37 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, T*
 
 }  // namespace
 
-// q, k: (B, H, L, F); v: (B, H, L, Dv); log_decay: (H,) or undefined; log_gates: (B, H, L, F) or
-// undefined (not both). Without normalize_eps: state (B, H, F, Dv), returns the raw output
-// (B, H, L, Dv). With it: state (B, H, F, Dv + 1) whose last column is the normalizer's (the sum of
-// the keys), returns num / (den + eps). The state is updated in place.
+// q, k: (B, H, L, Din), mapped by `feature` to F features (and q times q_scale) chunk by chunk;
+// v: (B, H, L, Dv);
+// log_decay: (H,) or undefined; log_gates: (B|1, H|1, L, F|1) or undefined (not both). Without
+// normalize_eps: state (B, H, F, Dv), returns the raw output (B, H, L, Dv). With it: state
+// (B, H, F, Dv + 1) whose last column is the normalizer's (the sum of the keys), returns
+// num / (den + eps); with `centre` (B, H, Dv), the sum of the values before this segment (count0
+// tokens), InLine's centred output instead. The state and `centre` are updated in place.
 torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor state,
                             c10::optional<torch::Tensor> log_decay, c10::optional<torch::Tensor> log_gates,
-                            int64_t chunk, c10::optional<double> normalize_eps) {
+                            int64_t chunk, c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,
+                            double q_scale, c10::optional<torch::Tensor> centre, double centre_scale, int64_t count0) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4, "q, k must be (B, H, L, F), v (B, H, L, Dv)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
                   q.scalar_type() == state.scalar_type(), "q, k, v, state dtypes differ");
   TORCH_CHECK(state.is_contiguous(), "state must be contiguous (it is updated in place)");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
+  TORCH_CHECK(feature >= 0 && feature <= 3, "feature: 0 (identity), 1 (elu+1), 2 (relu) or 3 (Taylor)");
   q = q.contiguous();
   k = k.contiguous();
   v = v.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), F = q.size(3), Dv = v.size(3);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), Din = q.size(3), Dv = v.size(3);
+  TORCH_CHECK(feature != 3 || (taylor_dim >= 1 && taylor_dim <= Din), "taylor_dim must be in 1..", Din);
+  const int64_t F = feature == 3 ? 1 + taylor_dim + taylor_dim * taylor_dim : Din;
   TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == L, "v must be (B, H, L, Dv)");
-  const bool normalize = normalize_eps.has_value();
+  const bool centred = centre.has_value() && centre->defined();
+  const bool normalize = normalize_eps.has_value() || centred;
+  if (centred) {
+    TORCH_CHECK(centre->is_contiguous() && centre->scalar_type() == q.scalar_type() && centre->dim() == 3 &&
+                    centre->size(0) == B && centre->size(1) == H && centre->size(2) == Dv,
+                "centre must be a contiguous (B, H, Dv) tensor of q's dtype (it is updated in place)");
+  }
   TORCH_CHECK(state.size(0) == B && state.size(1) == H && state.size(2) == F && state.size(3) == Dv + normalize,
               normalize ? "state must be (B, H, F, Dv + 1)" : "state must be (B, H, F, Dv)");
   auto out = torch::empty({B, H, L, Dv}, q.options());
@@ -149,14 +230,17 @@ torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
   }
   if (log_gates.has_value() && log_gates->defined()) {
     TORCH_CHECK(!lam.defined(), "give log_decay or log_gates, not both");
-    gates = log_gates->to(q.scalar_type()).expand({B, H, L, F}).contiguous();
+    const int64_t cols = log_gates->size(-1) == 1 ? 1 : F;
+    gates = log_gates->to(q.scalar_type()).expand({B, H, L, cols}).contiguous();
   }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "linear_chunks", [&] {
     chunks<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                      lam.defined() ? lam.data_ptr<scalar_t>() : nullptr,
-                     gates.defined() ? gates.data_ptr<scalar_t>() : nullptr, state.data_ptr<scalar_t>(),
-                     out.data_ptr<scalar_t>(), B * H, H, L, F, Dv, chunk, normalize,
-                     static_cast<scalar_t>(normalize_eps.value_or(0.0)));
+                     gates.defined() ? gates.data_ptr<scalar_t>() : nullptr, gates.defined() ? gates.size(3) : 0,
+                     state.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B * H, H, L, Din, F, Dv, chunk, normalize,
+                     static_cast<scalar_t>(normalize_eps.value_or(0.0)), static_cast<int>(feature), taylor_dim,
+                     static_cast<scalar_t>(q_scale), centred ? centre->data_ptr<scalar_t>() : nullptr,
+                     static_cast<scalar_t>(centre_scale), count0);
   });
   return out;
 }

@@ -40,7 +40,6 @@ recurrence, so the non-causal recurrent form computes its window part as the chu
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -58,12 +57,10 @@ EPS = 1e-12
 def taylor_features(x: torch.Tensor, feature_dim: int) -> torch.Tensor:
     """BASED's 2nd-order Taylor map on the first ``feature_dim`` channels: ``(..., 1 + d' + d'²)``.
 
-    ``φ(x) = [1, x/d'^¼, vec(x ⊗ x)/(√2 √d')]``, so ``φ(q)·φ(k) = 1 + s + s²/2``, ``s = q·k/√d'``.
+    ``φ(x) = [1, x/d'^¼, vec(x ⊗ x)/(√2 √d')]``, so ``φ(q)·φ(k) = 1 + s + s²/2``, ``s = q·k/√d'``
+    (:func:`attnlab.linear.feature_map`, which the chunked form applies chunk by chunk).
     """
-    x = x[..., :feature_dim]
-    outer = (x[..., :, None] * x[..., None, :]).flatten(-2)
-    return torch.cat([x.new_ones(x.shape[:-1] + (1,)), x * feature_dim ** -0.25,
-                      outer / (math.sqrt(2) * math.sqrt(feature_dim))], dim=-1)
+    return K.feature_map("taylor", x, feature_dim)
 
 
 def _features(call: Call) -> int:
@@ -157,14 +154,20 @@ def _with_cache(call: Call, state: State, k, v):
     """The cached keys/values that precede ``k, v`` (only the valid ones), and the cache after them."""
     W = _cache_len(call)
     n = min(state.length, W)
+    if n == 0 and k.shape[2] >= W:  # nothing cached yet: the segment as it is, its last W tokens cached
+        return k, v, k[:, :, k.shape[2] - W:].clone(), v[:, :, v.shape[2] - W:].clone()
     ks, vs = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2)
     start = ks.shape[2] - k.shape[2] - n
     return ks[:, :, start:], vs[:, :, start:], ks[:, :, ks.shape[2] - W:], vs[:, :, vs.shape[2] - W:]
 
 
 def _chunked(call: Call, q, k, v, state: Optional[State]):
-    fq, fk, vv = _linear(call, q, k, v)
-    dt = fq.dtype
+    if call.causal:  # the chunked form maps q and k itself
+        dt = R.compute_dtype(q.dtype)
+        fq, fk, vv = q.to(dt), k.to(dt), v.to(dt)
+    else:
+        fq, fk, vv = _linear(call, q, k, v)
+        dt = fq.dtype
     if not call.causal:
         out = K.finish(K.noncausal(fq, fk, K.with_ones(vv, True)), True, EPS)
         if call.params["window"]:
@@ -172,7 +175,7 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
         return out.to(v.dtype), None
     state = _init(call, q.shape[0], q.shape[1], q.dtype, q.device) if state is None else state
     out, S = K.chunked_normalized(fq, fk, vv, state["S"], chunk=call.params["chunk_size"], normalize=True,
-                                  eps=EPS)
+                                  eps=EPS, feature="taylor", feature_dim=call.params["feature_dim"])
     kc, vc, k_cache, v_cache = _with_cache(call, state, k.to(dt), v.to(dt))
     if call.params["window"]:
         out = out + _window(call, q.to(dt), kc, vc)
@@ -254,7 +257,7 @@ register(Mechanism(
               {"feature_dim": 3, "window": 0, "chunk_size": 16}),
     reference_impl="parallel",
     recurrence=Recurrence(parallel=_parallel, chunked=_chunked, step=_step, init=_init, state_size=state_size,
-                          noncausal_recurrent=_noncausal_recurrent),
+                          noncausal_recurrent=_noncausal_recurrent, fused=K.fused),
     flops=_flops,
     complexity={"time": "O(L C d'^2 + L d'^2 d_v + L (C + w) d)",
                 "memory": "O(L d'^2 + L/C d'^2 d_v + L (C + w))",

@@ -117,14 +117,16 @@ def _init(call: Call, batch: int, heads: int, dtype, device) -> State:
 
 
 def _chunked(call: Call, q, k, v, state: Optional[State]):
-    fq, fk, vv, g, gb = _prep(call, q, k, v)
     C = call.params["chunk_size"]
     if not call.causal:
+        fq, fk, vv, g, gb = _prep(call, q, k, v)
         S0 = _init(call, q.shape[0], q.shape[1], q.dtype, q.device)["S"]
         form = lambda a, b, c, gg: K.chunked(a, b, c, S0, chunk=C, log_gates=gg)[0]  # noqa: E731
         return _bidirectional(form, fq, fk, vv, g, gb).to(v.dtype), None
     state = _init(call, q.shape[0], q.shape[1], q.dtype, q.device) if state is None else state
-    out, S = K.chunked(fq, fk, vv, state["S"], chunk=C, log_gates=g)
+    dt = compute_dtype(q.dtype)  # the chunked form scales the queries and broadcasts the gates itself
+    out, S = K.chunked(q.to(dt), k.to(dt), v.to(dt), state["S"], chunk=C, log_gates=call.params["log_gates"].to(dt),
+                       q_scale=call.scale)
     return out.to(v.dtype), state.replace(length=state.length + k.shape[2], S=S)
 
 

@@ -100,7 +100,7 @@ def _mapped(call: Call, q, k):
 
 def _finish(call: Call, raw, vmean, count):
     """``scale/N · (num - den ū) + ū`` from the raw ``[num | den]`` accumulator."""
-    return call.scale / count * (raw[..., :-1] - raw[..., -1:] * vmean) + vmean
+    return K.finish_centred(raw, vmean, count, call.scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,11 +158,9 @@ def _chunked(call: Call, q, k, v, state):
         return out.to(v.dtype), None
     state = state or _init(call, q.shape[0], q.shape[1], q.dtype, q.device)
     _check_tail(call, state)
-    raw, S = K.chunked(fq, fk, K.with_ones(vv, True), state["S"], chunk=call.params["chunk_size"])
-    count = state.length + torch.arange(1, L + 1, device=q.device, dtype=fq.dtype)[:, None]
-    vsum = state["vsum"][:, :, None] + vv.cumsum(2)
-    out = _finish(call, raw, vsum / count, count)
-    new = {"S": S, "vsum": vsum[:, :, -1]}
+    out, S, vsum = K.chunked_centred(fq, fk, vv, state["S"], state["vsum"], state.length,
+                                     chunk=call.params["chunk_size"], scale=call.scale)
+    new = {"S": S, "vsum": vsum}
     if W is not None:
         ext = torch.cat([state["tail"], vv], dim=2)  # the last w - 1 values before this segment, then it
         tail = ext.shape[2] - L

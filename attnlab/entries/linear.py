@@ -50,12 +50,8 @@ def feature_dim(call: Call) -> int:
 def features(call: Call, x: torch.Tensor, pos: torch.Tensor, is_query: bool) -> torch.Tensor:
     """``φ(x)`` for positions ``pos`` (absolute, used by cosFormer's re-weighting only)."""
     fmap = call.params.get("feature_map", "identity")
-    if fmap == "elu+1":  # Linear Transformer (Katharopoulos et al. 2020)
-        return torch.nn.functional.elu(x).add_(1)  # in place on elu's fresh output (its backward reads x)
-    if fmap == "relu":
-        return torch.relu(x)
-    if fmap == "identity":
-        return x
+    if fmap in K.ELEMENTWISE:  # identity, relu, elu+1 (Linear Transformer, Katharopoulos et al. 2020)
+        return K.feature_map(fmap, x)
     if fmap == "favor+":  # φ(x) = exp(W x - |x|²/2) / sqrt(m), x scaled by scale^½ (softmax kernel)
         x = x * call.scale ** 0.5
         W = favor_projection(call.params["features"], x.shape[-1], call.params["feature_seed"]).to(x)
@@ -99,7 +95,14 @@ def kernel_entry(name: str, *, paper: str, summary: str, formula: str, params, p
 
     def chunked(call, q, k, v, state):
         pos0 = 0 if state is None else state.length
-        fq, fk = mapped(call, q, k, pos0)
+        fmap = call.params.get("feature_map", "identity")
+        if call.causal and fmap in K.ELEMENTWISE:  # the chunked form maps q and k itself, chunk by chunk
+            dt = compute_dtype(q.dtype)
+            fq, fk = q.to(dt), k.to(dt)
+            q_scale = 1.0 if normalize(call) else call.scale
+        else:
+            fq, fk = mapped(call, q, k, pos0)
+            fmap, q_scale = "identity", 1.0
         if not call.causal:
             raw = K.noncausal(fq, fk, K.with_ones(v.to(fq.dtype), normalize(call)), log_decay=decay(call, fq.dtype),
                               chunk=call.params["chunk_size"])
@@ -107,7 +110,7 @@ def kernel_entry(name: str, *, paper: str, summary: str, formula: str, params, p
         S = init(call, q.shape[0], q.shape[1], q.dtype, q.device) if state is None else state
         o, S_new = K.chunked_normalized(fq, fk, v.to(fq.dtype), S["S"], chunk=call.params["chunk_size"],
                                         log_decay=decay(call, fq.dtype), normalize=normalize(call),
-                                        eps=call.params.get("eps", 0.0))
+                                        eps=call.params.get("eps", 0.0), feature=fmap, q_scale=q_scale)
         return o.to(v.dtype), S.replace(length=S.length + k.shape[2], S=S_new)
 
     def step(call, state, q_t, k_t, v_t):
