@@ -9,9 +9,10 @@ tested against it):
 ``box_attention``    the same on a 2-D/3-D grid where every query sees one box of keys
                      (neighborhoods without dilation, windows): together the ``native``
                      implementation of mask-based mechanisms (:mod:`attnlab.patterns`).
-``linear_chunks``    the causal chunked form of :mod:`attnlab.linear` (no decay, a per-head decay
-                     or GLA's per-channel gates), walking the chunks of each (batch, head) with
-                     the state in cache.
+``linear_chunks``    the causal chunked form of :mod:`attnlab.linear` (no decay, a per-head decay,
+                     one gate per token or GLA's per-channel gates; the normalizer or InLine's
+                     centred finish), walking the chunks of each (batch, head) with the state in
+                     cache and applying elementwise or Taylor feature maps chunk by chunk.
 
 ``range_attention`` and ``linear_chunks`` do their GEMMs with the micro-kernel torch's own CPU
 attention uses (oneDNN BRGEMM, through ATen); ``box_attention`` has register-blocked micro-kernels

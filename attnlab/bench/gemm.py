@@ -25,9 +25,9 @@ REPEATS = 5
 
 def measure(dtype: torch.dtype, *, target_s: float = TARGET_S, max_n: int = MAX_N,
             repeats: int = REPEATS) -> Dict[str, Any]:
+    """``{"gflops", "n", "samples", "threads"}`` of ``torch.mm`` at ``dtype`` on the current threads."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"gemm.measure: dtype must be a floating torch.dtype, got {dtype!r}")
-    """``{"gflops", "n", "samples", "threads"}`` of ``torch.mm`` at ``dtype`` on the current threads."""
     gen = torch.Generator().manual_seed(0)
 
     def timed(a, b) -> float:
