@@ -31,9 +31,10 @@ import torch
 from . import native as _native
 from .reference import causal_mask, compute_dtype
 from .recurrent import SPAN  # tokens computed at once (whole chunks); the state carries across spans
-#: Largest total log gate within a chunk for the one-GEMM gated path (exp(±range) stays far inside
-#: the accumulation dtype: ~1e26 in float32); chunks with stronger decay take the (C, C, F) path.
-_GATE_RANGE = {torch.float32: 60.0, torch.float64: 600.0}
+#: Largest exponent a product may be split at into exp(+x) exp(-y) factors (both stay far inside the
+#: accumulation dtype: ~1e26 in float32): the one-GEMM gated path takes chunks whose total log gate
+#: is below it (stronger decay takes the (C, C, F) path), as the C++ kernel does.
+EXP_RANGE = {torch.float32: 60.0, torch.float64: 600.0}
 #: Gated intra-chunk work is (C, C, F) per chunk; chunks are processed in groups of about this many floats.
 _GATED_GROUP_FLOATS = 1 << 22
 
@@ -268,7 +269,7 @@ def _gated_chunks(q, k, vv, S, g):
     G = g.cumsum(3)  # inclusive, within each chunk
     last = G[..., -1:, :]  # (B, H, m, 1, F)
     q_from_start = q * G.exp()
-    if float(-last.detach().min()) < _GATE_RANGE[q.dtype]:
+    if float(-last.detach().min()) < EXP_RANGE[q.dtype]:
         # every chunk's gates span less than exp(range): split exp(G_t - G_s) = exp(G_t) exp(-G_s) and
         # use one GEMM (both factors stay far inside the dtype's range; the products are exact)
         intra = (q_from_start @ (k * (-G).exp()).transpose(-1, -2)).tril_() @ vv
@@ -315,5 +316,5 @@ def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int 
     return fwd + bwd - diag
 
 
-__all__ = ["ELEMENTWISE", "FEATURES", "chunked", "chunked_centred", "chunked_normalized", "feature_map", "finish", "finish_centred", "fused", "noncausal", "parallel", "scan_recurrent", "step",
+__all__ = ["ELEMENTWISE", "EXP_RANGE", "FEATURES", "chunked", "chunked_centred", "chunked_normalized", "feature_map", "finish", "finish_centred", "fused", "noncausal", "parallel", "scan_recurrent", "step",
            "weights", "with_ones"]

@@ -136,10 +136,8 @@ def test_gemm_peak_is_measured_in_the_run_and_divides_every_case(basic):
     with Store(store) as s:
         (cal,) = s.calibration(run["id"])
     n = cal["detail"]["n"]
-    assert cal["name"] == "gemm" and cal["dtype"] == "float32" and cal["threads"] == 1 and len(cal["samples"]) == 5
-    import numpy as np
-
-    assert cal["value"] == pytest.approx(2 * n ** 3 / np.median(cal["samples"]) / 1e9)
+    assert cal["name"] == "gemm" and cal["dtype"] == "float32" and cal["threads"] == 1 and len(cal["samples"]) == 9
+    assert cal["value"] == pytest.approx(2 * n ** 3 / min(cal["samples"]) / 1e9)
     for c in cases:
         m = c["measurements"]
         assert m["gemm_peak_fraction"]["value"] == pytest.approx(m["effective_gflops_per_s"]["value"] / cal["value"])

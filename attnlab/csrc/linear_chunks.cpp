@@ -38,7 +38,7 @@
 namespace {
 
 template <typename T>
-constexpr T kRange = std::is_same_v<T, float> ? T(60) : T(600);  // as attnlab/linear.py's _GATE_RANGE
+constexpr T kRange = std::is_same_v<T, float> ? T(60) : T(600);  // as attnlab/linear.py's EXP_RANGE
 
 // dst (rows x F) = factor * phi(src (rows x Din)); phi by `feature` (0 identity, 1 elu + 1, 2 relu:
 // F = Din; 3 Taylor of the first d channels: F = 1 + d + d^2).

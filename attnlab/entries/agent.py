@@ -31,9 +31,12 @@ Rows with no visible key (``L_q > L_k``) are zero, the catalogue's fully-masked-
 (in blocks of queries, so ``L_q x n x L_k`` floats are never held at once). Recurrent: per head and
 agent a running softmax over keys, the state ``(max m_a, sum Z_a = Σ_j exp(s_aj - m_a), weighted sum
 U_a = Σ_j exp(s_aj - m_a) v_j)``, ``s_aj = scale A_a·k_j``, ``V_A = U / Z``: ``n (d_v + 2)`` floats per head,
-independent of the length. Chunked (causal): within a chunk of ``C`` keys every position's prefix
-``(max, sum, weighted sum)`` comes from an ``(n, C, C)`` masked exponential, combined with the carried
-state; every exponent is ``<= 0``. The non-causal chunked form absorbs key chunks into the same state
+independent of the length. Chunked (causal): n-dimensional causal linear attention with features
+built from each prefix's log-normalizer (:func:`_causal_as_linear`: GEMMs, the C++ kernel on CPU);
+where those features would leave the dtype's range (a prefix whose logits all lie more than 60 below
+a later maximum, in float32), per chunk of ``C`` keys every position's prefix ``(max, sum, weighted
+sum)`` from an ``(n, C, C)`` masked exponential combined with the carried state, every exponent
+``<= 0``. The non-causal chunked form absorbs key chunks into the same state
 (online softmax) and then reads it out; the non-causal recurrent form absorbs one key at a time.
 Accumulation is float32 for half inputs.
 
@@ -46,10 +49,12 @@ add them outside the attention.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
 
+from .. import linear as K
 from ..catalogue import Call, Mechanism, Param, register
 from ..reference import compute_dtype
 from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, forms
@@ -162,6 +167,9 @@ def _chunked(call: Call, q, k, v, state):
             m, Z, U = _absorb(m, Z, U, _logits(call, A, k[:, :, a:a + C]), vv[:, :, a:a + C])
         return _broadcast(call, q, A, U / Z[..., None]).to(v.dtype), None
     state = state or _init(call, q.shape[0], q.shape[1], q.dtype, q.device)
+    as_linear = _causal_as_linear(call, q, A, k, vv, state)
+    if as_linear is not None:
+        return as_linear[0].to(v.dtype), as_linear[1]
     m, Z, U = state["max"], state["sum"], state["wsum"]
     outs = []
     for a in range(0, L, C):
@@ -177,6 +185,32 @@ def _chunked(call: Call, q, k, v, state):
         m, Z, U = M[..., -1], Zt[..., -1], Ut[..., -1, :]
     out = torch.cat(outs, dim=2).to(v.dtype)
     return out, state.replace(length=state.length + L, max=m, sum=Z, wsum=U)
+
+
+def _causal_as_linear(call: Call, q, A, k, vv, state: State):
+    """The causal chunked form as causal linear attention (:func:`attnlab.linear.chunked`, the C++
+    kernel where it serves), or None when the factors below leave the dtype's safe range.
+
+    With key logits ``s_j`` (per agent), ``r`` the largest logit so far and the state's ``(m, Z, U)``,
+    every prefix's normalizer relative to ``r`` is ``Z'_i = Z e^(m - r) + Σ_{j<=i} e^(s_j - r)`` and
+    ``V_A^(i) = (U e^(m - r) + Σ_{j<=i} e^(s_j - r) v_j) / Z'_i``, so ``o_i = Σ_a p_ia V_A^(i)_a`` is
+    linear attention with features ``φq_i = p_i / Z'_i`` (``p_i = softmax(scale q_i Aᵀ)``),
+    ``φk_j = e^(s_j - r)`` and the initial state ``U e^(m - r)``: GEMMs instead of an (n, C, C)
+    exponential per chunk. Exact in real arithmetic; taken when every ``Z'_i`` is at least
+    ``exp(-EXP_RANGE)`` (:data:`attnlab.linear.EXP_RANGE`), else some prefix holds only logits that
+    far below a later maximum and its feature would overflow; random and trained logits are far
+    inside."""
+    s = call.scale * k.to(A.dtype) @ A.transpose(-1, -2)  # key logits (B, H, L, n), as the kernel reads them
+    m0, Z0, U0 = state["max"], state["sum"], state["wsum"]
+    r = torch.maximum(m0, s.amax(2))  # (B, H, n)
+    carry = torch.exp(m0 - r)  # 0 for an empty state (m = -inf)
+    w = torch.exp(s - r[:, :, None])
+    z = w.cumsum(2).add_((Z0 * carry)[:, :, None])  # Z'_i: (B, H, L, n)
+    if not bool((z >= math.exp(-K.EXP_RANGE[s.dtype])).all()):  # NaN logits fail too: the per-chunk form
+        return None
+    p = torch.softmax(call.scale * q.to(A.dtype) @ A.transpose(-1, -2), dim=-1)  # (B, H, L, n)
+    out, S = K.chunked(p / z, w, vv, (U0 * carry[..., None]).contiguous(), chunk=call.params["chunk_size"])
+    return out, state.replace(length=state.length + k.shape[2], max=r, sum=z[:, :, -1], wsum=S)
 
 
 def _noncausal_recurrent(call: Call, q, k, v):
@@ -199,16 +233,17 @@ def _state_size(heads: int, head_dim: int, value_dim: int, **params) -> int:
 
 
 def _flops(call: Call) -> float:
-    """Chunked form: logits 2 n L_k D and read-out 2 L_q n (D + Dv); aggregation 2 n L_k Dv (non-causal) or,
-    causal, the intra-chunk prefix sums over C(C+1)/2 pairs per chunk and agent (2 Dv each)."""
+    """Chunked form: key logits 2 n L_k D and query logits 2 L_q n D; non-causal, aggregation 2 n L_k Dv
+    and read-out 2 L_q n Dv; causal, the n-feature linear attention (per chunk of C: C(C+1)/2 pairs,
+    2 (n + Dv) each, and 4 C n Dv for the state's read and update)."""
     n, D, Dv = agent_count(call.params), call.head_dim, call.value_dim
     Lq, Lk = call.q_len, call.kv_len
     if call.causal:
         C = min(call.params["chunk_size"], Lk)
-        aggregate = n * (Lk / C) * C * (C + 1) / 2 * 2 * Dv
+        rest = (C * (C + 1) * (n + Dv) + 4 * C * n * Dv) * Lk / C
     else:
-        aggregate = 2 * n * Lk * Dv
-    return call.batch * call.q_heads * (2 * n * Lk * D + aggregate + 2 * Lq * n * (D + Dv))
+        rest = 2 * n * Dv * (Lk + Lq)
+    return call.batch * call.q_heads * (2 * n * D * (Lk + Lq) + rest)
 
 
 def _check(call: Call) -> None:
@@ -271,9 +306,9 @@ register(Mechanism(
               {"agents": _example_agents(7), "n_agents": 7, "chunk_size": 8}),
     reference_impl="parallel",
     recurrence=Recurrence(parallel=_parallel, chunked=_chunked, step=_step, init=_init, state_size=_state_size,
-                          noncausal_recurrent=_noncausal_recurrent),
+                          noncausal_recurrent=_noncausal_recurrent, fused=K.fused),
     flops=_flops,
-    complexity={"time": "O(L n d) non-causal; O(L n (d + C d_v)) causal chunked", "memory": "O(L d + n C^2)",
+    complexity={"time": "O(L n d) non-causal; O(L (n d + C (n + d_v) + n d_v)) causal chunked", "memory": "O(L (d + n))",
                 "state": "O(n d_v)"},
     extras={"gradcheck_impls": ("chunked", "parallel"), "nan_rows": _nan_rows, "random_params": _random_params},
 ))

@@ -90,6 +90,28 @@ def test_causal_is_per_query_prefix_aggregation(Lq):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("spread", [1.0, 300.0])
+def test_causal_chunked_as_linear_attention_and_its_fallback(spread):
+    """The causal chunked form runs as n-feature linear attention; logits spread wider than float32's safe
+    exponent range (a prefix far below a later maximum) take the per-chunk exponential form instead. Both
+    equal the float64 definition, continuing a state across segments."""
+    from attnlab.entries import agent as E
+
+    m = attnlab.mechanism("agent")
+    q, k, v = qkv(B=1, H=2, L=40, D=8, Dv=5, seed=3)
+    k[:, :, 30:] *= spread  # keys late in the sequence: logits far above the earlier ones when spread is large
+    A = rnd(1, 2, 4, 8, seed=4)
+    want = m(q, k, v, agents=A, causal=True, impl="parallel")
+    q32, k32, v32, A32 = (t.float() for t in (q, k, v, A))
+    call = m.prepare(q32, k32, v32, agents=A32, causal=True, chunk_size=8)
+    taken = E._causal_as_linear(call, q32, E.agent_tokens(call, q32), k32, v32,
+                                E._init(call, 1, 2, torch.float32, q32.device))
+    assert (taken is not None) == (spread == 1.0)
+    o1, s = m.scan(q32[:, :, :17], k32[:, :, :17], v32[:, :, :17], agents=A32, chunk_size=8)
+    o2, _ = m.scan(q32[:, :, 17:], k32[:, :, 17:], v32[:, :, 17:], s, agents=A32, chunk_size=8)
+    torch.testing.assert_close(torch.cat([o1, o2], 2).double(), want, atol=2e-5, rtol=2e-5)
+
+
 def test_per_channel_agents_gradients_and_state():
     """Agents with a value per channel (the conformance examples use D=1): gradients of every form w.r.t. q, k, v
     and the agents equal the parallel form's; gradcheck of the chunked form; segments and steps continue the
