@@ -208,7 +208,7 @@ def test_chunked_paths_for_weak_and_strong_gates(strength):
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 70, 8, generator=g, dtype=torch.float64) for _ in range(3))
     log_gates = -strength * torch.rand(1, 2, 70, 8, generator=g, dtype=torch.float64)
-    assert (strength * 32 > K._GATE_RANGE[torch.float32]) == (strength > 1)
+    assert (strength * 32 > K.EXP_RANGE[torch.float32]) == (strength > 1)
     m = attnlab.mechanism("gla")
     ref = m(q, k, v, causal=True, impl="parallel", log_gates=log_gates)
     out = m(q, k, v, causal=True, impl="chunked", log_gates=log_gates, chunk_size=32)
