@@ -19,8 +19,10 @@
 // column and each output row is divided by its denominator in the chunk, so nothing is appended
 // to V. InLine's centred form (no decay) uses the same denominator differently: with the running
 // sum of the values (`centre`, updated in place) and N = the tokens seen so far,
-//   out = centre_scale / N (num - den u) + u,   u = (sum of the values) / N. Four small GEMMs per chunk (attnlab::gemm). (batch, head) pairs run in parallel on torch's
-// thread pool.
+//   out = centre_scale / N (num - den u) + u,   u = (sum of the values) / N.
+// Small GEMMs per chunk (attnlab::gemm); the two intra-chunk products are cut at half the chunk so
+// that the block above the diagonal, masked anyway, is not computed (a quarter of each).
+// (batch, head) pairs run in parallel on torch's thread pool.
 //
 // The feature map, when elementwise (identity, elu+1, relu: `feature` 0, 1, 2) or BASED's Taylor map
 // (`feature` 3: phi(x) = [1, x'/d^(1/4), vec(x' x'^T)/(sqrt 2 sqrt d)] of the first d = taylor_dim
@@ -29,6 +31,7 @@
 // them first would be two more passes over L x F floats in memory. Gates of shape
 // (B, H, L, 1) (one per token, shared by the channels) are read as they are too.
 #include "native.h"
+#include "simd.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -56,10 +59,43 @@ void feature_map(const T* src, int64_t rows, int64_t Din, int64_t F, int feature
     }
     return;
   }
-  for (int64_t x = 0; x < rows * F; ++x) {
-    const T a = src[x];
-    dst[x] = factor * (feature == 1 ? (a > 0 ? a + T(1) : std::exp(a)) : feature == 2 ? std::max(a, T(0)) : a);
-  }
+  const int64_t count = rows * F;  // elementwise: one loop per map, so that each vectorizes
+  if (feature == 1) {  // elu + 1: x + 1 above 0, exp(x) below, a vector of lanes at a time
+    using V = typename attnlab::Vec<T>::V;
+    constexpr int L = attnlab::LANES<T>;
+    int64_t x = 0;
+    for (; x + L <= count; x += L) {
+      const V a = attnlab::load<T>(src + x), zero = V{};
+      const V e = attnlab::exp_nonpositive(a > zero ? zero : a);
+      attnlab::store<T>(dst + x, factor * (a > zero ? a + T(1) : e));
+    }
+    for (; x < count; ++x) dst[x] = factor * (src[x] > 0 ? src[x] + T(1) : std::exp(src[x]));
+  } else if (feature == 2)
+    for (int64_t x = 0; x < count; ++x) dst[x] = factor * std::max(src[x], T(0));
+  else
+    for (int64_t x = 0; x < count; ++x) dst[x] = factor * src[x];
+}
+
+// The chunk's rows split for the intra-chunk products: rows [0, h) see keys [0, h), rows [h, n) keys
+// [0, n); below 32 rows the whole square (a split would only add call overhead).
+inline int64_t split(int64_t n) { return n >= 32 ? n / 2 : n; }
+
+// s (n x n, row stride n) = a (n x F) . b (F x n, row stride n) below the split's diagonal block:
+// the block of rows [0, h) and keys [h, n) is zero, not computed.
+template <typename T>
+void causal_scores(int64_t n, int64_t F, const T* a, const T* b, T* s) {
+  const int64_t h = split(n);
+  attnlab::gemm(h, h, F, a, F, b, n, false, s, n);
+  for (int64_t t = 0; t < h; ++t) std::fill(s + t * n + h, s + (t + 1) * n, T(0));
+  if (h < n) attnlab::gemm(n - h, n, F, a + h * F, F, b, n, false, s + h * n, n);
+}
+
+// o (n x Dv) = s (n x n, zero above the split's diagonal block) . v (n x Dv), that block skipped.
+template <typename T>
+void causal_values(int64_t n, int64_t Dv, const T* s, const T* v, T* o) {
+  const int64_t h = split(n);
+  attnlab::gemm(h, Dv, h, s, n, v, Dv, false, o, Dv);
+  if (h < n) attnlab::gemm(n - h, Dv, n, s + h * n, n, v, Dv, false, o + h * Dv, Dv);
 }
 
 template <typename T>
@@ -104,7 +140,7 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
           if (-*std::min_element(last, last + F) < kRange<T>) {
             for (int64_t s = 0; s < n; ++s)
               for (int64_t f = 0; f < F; ++f) kt[f * n + s] = kc[s * F + f] * std::exp(-G[s * F + f]);
-            attnlab::gemm(n, n, F, qs.data(), F, kt.data(), n, false, scores.data(), n);
+            causal_scores(n, F, qs.data(), kt.data(), scores.data());
             for (int64_t t = 0; t < n; ++t) std::fill(scores.data() + t * n + t + 1, scores.data() + (t + 1) * n, T(0));
           } else {  // strong decay: exp(G_t - G_s) <= 1 pair by pair
             for (int64_t t = 0; t < n; ++t)
@@ -138,7 +174,7 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
             built = n;
           }
           attnlab::transpose(kc, n, F, kt.data(), n);
-          attnlab::gemm(n, n, F, qc, F, kt.data(), n, false, scores.data(), n);
+          causal_scores(n, F, qc, kt.data(), scores.data());
           for (int64_t x = 0; x < n * n; ++x) scores[x] *= w[x];
           if (l != T(0) || gates) {
             for (int64_t t = 0; t < n; ++t)
@@ -148,7 +184,7 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
               for (int64_t s = 0; s < n; ++s) kt[f * n + s] *= kdecay[s];
           }
         }
-        attnlab::gemm(n, Dv, n, scores.data(), n, vc, Dv, false, oc, Dv);  // intra-chunk
+        causal_values(n, Dv, scores.data(), vc, oc);                        // intra-chunk
         attnlab::gemm(n, Dv, F, qread, F, S, Ds, true, oc, Dv);             // + the state before it
         if (normalize) {  // den = row sums of the scores + Q' z
           T* vs = centre ? centre + bh * Dv : nullptr;

@@ -275,7 +275,7 @@ register(Mechanism(
               {"feature_map": "leakyrelu", "chunk_size": 16}),
     reference_impl="parallel",
     recurrence=Recurrence(parallel=_parallel, chunked=_chunked, step=_step, init=_init, state_size=_state_size,
-                          noncausal_recurrent=_noncausal_recurrent),
+                          noncausal_recurrent=_noncausal_recurrent, fused=K.fused),
     flops=_flops,
     complexity={"time": "O(L C d + L d d_v + L w d_v)", "memory": "O(L d + L/C d d_v)", "state": "O(d d_v + w d_v)"},
     extras={"gradcheck_impls": ("chunked", "parallel"), "random_params": _random_params},
