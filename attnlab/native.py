@@ -69,7 +69,10 @@ def module(verbose: bool = False):
         directory = build_dir() / tag
         directory.mkdir(parents=True, exist_ok=True)
         src = Path(__file__).parent / "csrc"
-        flags = ["-O3", "-ffast-math", "-fopenmp", "-std=c++17"] + ([_ARCH[cap]] if cap in _ARCH else [])
+        # fast math for contraction and vectorized reductions, but NaN and infinity kept: a NaN input
+        # row must give a NaN output row (the library's contract), and -inf marks masked scores
+        flags = ["-O3", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-std=c++17"]
+        flags += [_ARCH[cap]] if cap in _ARCH else []
         _STATE["module"] = load(name=f"attnlab_native_{cap.lower()}", sources=[str(src / s) for s in _SOURCES],
                                 extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(directory),
                                 verbose=verbose)
@@ -157,11 +160,12 @@ def box_union(boxes: torch.Tensor, shape, tile) -> int:
 def box_tile(boxes: torch.Tensor, shape) -> tuple:
     """The query tile :func:`box_attention` runs these boxes with: of the tiles of at most
     :data:`MAX_TILE` queries, the one computing the fewest scores per query, counting whole vectors
-    of :data:`LANES` keys along the last axis and weighing a tile of ``M`` queries by ``1 + 0.5/M``
+    of :data:`LANES` keys along the last axis and weighing a tile of ``M`` queries by ``1 + 0.25/M``
     (each step of the scores kernel loads one value of every query: small tiles are bound by
     loads); tiles of fewer than 4 queries only where the grid has none bigger. Measured with 23x23
-    (64x128 grid) and 8x8x8 (16x16x32) neighbourhoods: 2x2, 4x1, 4x2 and 3x2 within 4% of each other,
-    2x2x1 best in 3-D (2x3x1 6% slower), 1x2 1.4x and 2x2x2 1.3x slower; the cost picks 3x2 and 2x2x1."""
+    (64x128 grid) and 8x8x8 (16x16x32) neighbourhoods: 2x2 fastest in 2-D (4x1, 4x2 and 3x2 within
+    3-5%), 2x2x1 in 3-D (2x3x1 6% slower), 1x2 1.4x and 2x2x2 1.3x slower; the cost picks 2x2 and
+    2x2x1."""
     import itertools
 
     n = len(shape)
@@ -175,7 +179,7 @@ def box_tile(boxes: torch.Tensor, shape) -> tuple:
             continue
         ext = _tile_unions(boxes, shape, t).double()
         scores = ext[:, 0] * ext[:, 1] * torch.ceil(ext[:, 2] / LANES) * LANES
-        cost = float(scores.mean()) * (1 + 0.5 / M)  # each query computes every score of its tile
+        cost = float(scores.mean()) * (1 + 0.25 / M)  # each query computes every score of its tile
         if cost < best_cost - 1e-9 or (abs(cost - best_cost) <= 1e-9 and M > math.prod(best)):
             best, best_cost = t, cost
     return best
