@@ -59,21 +59,23 @@ void feature_map(const T* src, int64_t rows, int64_t Din, int64_t F, int feature
     }
     return;
   }
-  const int64_t count = rows * F;  // elementwise: one loop per map, so that each vectorizes
-  if (feature == 1) {  // elu + 1: x + 1 above 0, exp(x) below, a vector of lanes at a time
-    using V = typename attnlab::Vec<T>::V;
-    constexpr int L = attnlab::LANES<T>;
-    int64_t x = 0;
-    for (; x + L <= count; x += L) {
-      const V a = attnlab::load<T>(src + x), zero = V{};
-      const V e = attnlab::exp_nonpositive(a > zero ? zero : a);
-      attnlab::store<T>(dst + x, factor * (a > zero ? a + T(1) : e));
-    }
-    for (; x < count; ++x) dst[x] = factor * (src[x] > 0 ? src[x] + T(1) : std::exp(src[x]));
-  } else if (feature == 2)
-    for (int64_t x = 0; x < count; ++x) dst[x] = factor * std::max(src[x], T(0));
-  else
-    for (int64_t x = 0; x < count; ++x) dst[x] = factor * src[x];
+  // elementwise, a vector of lanes at a time (NaN inputs stay NaN); elu + 1: x + 1 above 0, exp(x) below
+  using V = typename attnlab::Vec<T>::V;
+  constexpr int L = attnlab::LANES<T>;
+  const int64_t count = rows * F;
+  auto one = [&](T a) {
+    const T y = feature == 1 ? (a > 0 ? a + T(1) : std::exp(a)) : feature == 2 ? std::max(a, T(0)) : a;
+    return factor * (attnlab::is_nan(a) ? a : y);
+  };
+  int64_t x = 0;
+  for (; x + L <= count; x += L) {
+    const V a = attnlab::load<T>(src + x), zero = V{};
+    V y = a;
+    if (feature == 1) y = a > zero ? a + T(1) : attnlab::exp_nonpositive(a > zero ? zero : a);
+    if (feature == 2) y = a > zero ? a : zero;
+    attnlab::store<T>(dst + x, factor * attnlab::keep_nan<T>(a, y));
+  }
+  for (; x < count; ++x) dst[x] = one(src[x]);
 }
 
 // The chunk's rows split for the intra-chunk products: rows [0, h) see keys [0, h), rows [h, n) keys

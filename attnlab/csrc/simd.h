@@ -80,4 +80,25 @@ inline Vec<double>::V exp_nonpositive(Vec<double>::V x) {
   return x;
 }
 
+// NaN tests on the bits (integer arithmetic, so -ffast-math cannot assume them away): `keep_nan(x, y)`
+// is x where x is NaN, else y, so that an elementwise map passes NaN inputs through as NaN.
+template <typename T>
+inline bool is_nan(T x) {
+  using E = typename Vec<T>::E;
+  E bits;
+  __builtin_memcpy(&bits, &x, sizeof bits);
+  const E magnitude = bits & ~(E(1) << (8 * sizeof(E) - 1));
+  return magnitude > (sizeof(T) == 4 ? E(0x7f800000) : E(0x7ff0000000000000LL));
+}
+template <typename T>
+inline typename Vec<T>::V keep_nan(typename Vec<T>::V x, typename Vec<T>::V y) {
+  using I = typename Vec<T>::I;
+  using E = typename Vec<T>::E;
+  I bits;
+  __builtin_memcpy(&bits, &x, sizeof bits);
+  const I magnitude = bits & ~(E(1) << (8 * sizeof(E) - 1));
+  const auto nan = magnitude > (sizeof(T) == 4 ? E(0x7f800000) : E(0x7ff0000000000000LL));
+  return nan ? x : y;
+}
+
 }  // namespace attnlab
