@@ -78,6 +78,24 @@ void feature_map(const T* src, int64_t rows, int64_t Din, int64_t F, int feature
   for (; x < count; ++x) dst[x] = one(src[x]);
 }
 
+// row[s] = exp(G[t] - G[s]) for s <= t, else 0 (s < n; G non-increasing: every exponent <= 0), a
+// vector of lanes at a time; writes up to a vector past n (the next row's first lanes, or spare).
+template <typename T>
+void decay_row(const T* G, int64_t t, int64_t n, T* row) {
+  using V = typename attnlab::Vec<T>::V;
+  using I = typename attnlab::Vec<T>::I;
+  using E = typename attnlab::Vec<T>::E;
+  constexpr int L = attnlab::LANES<T>;
+  I lane;
+  for (int i = 0; i < L; ++i) lane[i] = i;
+  for (int64_t s = 0; s <= t; s += L) {
+    const V x = G[t] - attnlab::load<T>(G + s), zero = V{};
+    const V e = attnlab::exp_nonpositive(x > zero ? zero : x);
+    attnlab::store<T>(row + s, lane <= E(t - s) ? e : zero);
+  }
+  for (int64_t s = (t / L + 1) * L; s < n; ++s) row[s] = T(0);
+}
+
 // The chunk's rows split for the intra-chunk products: rows [0, h) see keys [0, h), rows [h, n) keys
 // [0, n); below 32 rows the whole square (a split would only add call overhead).
 inline int64_t split(int64_t n) { return n >= 32 ? n / 2 : n; }
@@ -107,7 +125,9 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
   const int64_t Ds = Dv + (normalize ? 1 : 0);  // state row: Dv value columns, then the normalizer z
   const bool map_q = feature != 0 || q_scale != T(1), map_k = feature != 0;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> kt(F * C), scores(C * C), qs(C * F), G(C * F), Gt(C), w(C * C), qdecay(C), kdecay(C), qm, km;
+    // Gt and w have a vector of lanes to spare: decay_row writes whole vectors
+    std::vector<T> kt(F * C), scores(C * C), qs(C * F), G(C * F), Gt(C + attnlab::LANES<T>),
+        w(C * C + attnlab::LANES<T>), qdecay(C), kdecay(C), qm, km;
     if (map_q) qm.resize(C * F);
     if (map_k) km.resize(C * F);
     for (int64_t bh = begin; bh < stop; ++bh) {
@@ -161,7 +181,7 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
             const T* gc = gates + bh * L + c0;
             for (int64_t t = 0; t < n; ++t) Gt[t] = gc[t] + (t ? Gt[t - 1] : T(0));
             for (int64_t t = 0; t < n; ++t) {
-              for (int64_t s = 0; s < n; ++s) w[t * n + s] = s <= t ? std::exp(Gt[t] - Gt[s]) : T(0);
+              decay_row(Gt.data(), t, n, w.data() + t * n);
               qdecay[t] = std::exp(Gt[t]);
               kdecay[t] = std::exp(Gt[n - 1] - Gt[t]);
             }
