@@ -38,8 +38,10 @@ def _natten(q, k, v, kernel_size, stride, dilation, is_causal):
 
 
 @pytest.mark.parametrize("grid,kernel_size,stride,dilation,is_causal", CASES)
-@pytest.mark.parametrize("impl", ["reference", "tiled", "flex"])
+@pytest.mark.parametrize("impl", ["reference", "tiled", "flex", "native"])
 def test_neighborhood_equals_natten(grid, kernel_size, stride, dilation, is_causal, impl):
+    if impl == "native" and dilation not in (1, (1,) * len(grid)):
+        pytest.skip("native serves neighbourhoods without dilation (a dilated window is not one range or box)")
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, *grid, 16) for _ in range(3))
     expected = _natten(q, k, v, kernel_size, stride, dilation, is_causal)
@@ -57,5 +59,6 @@ def test_neighborhood_gqa_equals_natten():
     q = torch.randn(1, 4, 9, 10, 16)
     k, v = torch.randn(1, 2, 9, 10, 16), torch.randn(1, 2, 9, 10, 16)
     expected = _natten(q, k, v, (3, 5), 1, 1, False)
-    out = attnlab.mechanism("neighborhood")(q, k, v, kernel_size=(3, 5), impl="tiled")
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    for impl in ("tiled", "native"):
+        out = attnlab.mechanism("neighborhood")(q, k, v, kernel_size=(3, 5), impl=impl)
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
