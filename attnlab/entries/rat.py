@@ -54,7 +54,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import native as _native
 from .. import reference as R
+from .. import tiled as _tiled
 from ..catalogue import Call, Mechanism, Param, register
 from ..recurrent import OFFSETS, Recurrence, State, check_offsets, check_per_token, forms
 from .aaren import prefix_scan
@@ -143,8 +145,15 @@ def scan_summaries(x: torch.Tensor, g: torch.Tensor, chunk: int, start: int = 0,
 # Attention over summaries
 # --------------------------------------------------------------------------------------------
 def _attend(q, keys, values, own_k, own_v, visible: torch.Tensor, scale: float) -> torch.Tensor:
-    """Row t: softmax over ``keys[:visible[t]]`` and its own summary ``own_k[t]`` (``visible`` non-decreasing)."""
+    """Row t: softmax over ``keys[:visible[t]]`` and its own summary ``own_k[t]`` (``visible`` non-decreasing).
+
+    Where the C++ kernels serve, the prefix of summaries is one range of keys per row (the range
+    kernel, which returns its log-sum-exp) and the own summary a one-key partial, merged by their
+    log-sum-exps (:func:`attnlab.tiled.merge`)."""
     B, H, L, _ = q.shape
+    if keys.shape[2] and _native.serves(q, keys, values):
+        prefix = _native.range_attention(q, keys, values, torch.zeros_like(visible), visible, scale)
+        return _tiled.merge([prefix, (own_v, (q * own_k).sum(-1) * scale)])[0]
     group = max(1, _GROUP_SCORES // (B * H * (keys.shape[2] + 1)))
     outs = []
     for a in range(0, L, group):

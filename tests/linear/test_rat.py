@@ -178,3 +178,22 @@ def test_bad_gates_raise_naming_gates():
         m(q, k, v, gate=1.5)
     with pytest.raises(ValueError, match="chunk"):
         m(q, k, v, chunk=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_attention_over_summaries_on_the_range_kernel(dtype, tol):
+    """The C++ path of the attention over chunk summaries (the prefix as one range of keys per row,
+    merged with the own summary by log-sum-exp) equals the PyTorch path (taken when q requires grad),
+    rows that see no finished chunk included."""
+    from attnlab.entries import rat
+
+    g = torch.Generator().manual_seed(7)
+    B, H, L, n, D, Dv = 2, 3, 40, 9, 8, 5
+    q, own_k = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    own_v = torch.randn(B, H, L, Dv, generator=g, dtype=torch.float64).to(dtype)
+    keys = torch.randn(B, H, n, D, generator=g, dtype=torch.float64).to(dtype)
+    values = torch.randn(B, H, n, Dv, generator=g, dtype=torch.float64).to(dtype)
+    visible = (torch.arange(L) // 4).clamp(max=n)  # 0 for the first rows, then growing
+    got = rat._attend(q, keys, values, own_k, own_v, visible, 0.4)
+    want = rat._attend(q.clone().requires_grad_(), keys, values, own_k, own_v, visible, 0.4)
+    torch.testing.assert_close(got, want.detach(), atol=tol, rtol=tol)
