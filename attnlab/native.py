@@ -123,8 +123,9 @@ def range_attention(q, k, v, start: torch.Tensor, end: torch.Tensor, scale: floa
     return tuple(module().range_attention(q, k, v, start, end, float(scale), BLOCK_Q, CHUNK))
 
 
-#: Largest union of key boxes one query tile of :func:`box_attention` may span; larger neighbourhoods
-#: use the other implementations.
+#: Largest union of key boxes one query tile of :func:`box_attention` may span for the ``native``
+#: implementation to take a call (the kernel's score buffers grow with it); larger neighbourhoods use
+#: the other implementations.
 MAX_BOX_KEYS = 16384
 #: Queries in one tile of :func:`box_attention` at most (its micro-kernels keep every query's
 #: accumulators in registers), and the lanes of one of its vectors of keys (float32).
@@ -184,19 +185,17 @@ def box_tile(boxes: torch.Tensor, shape) -> tuple:
     return best
 
 
-def box_attention(q, k, v, boxes: torch.Tensor, shape, tile=None, scale: float = None, keys: Optional[int] = None):
+def box_attention(q, k, v, boxes: torch.Tensor, shape, tile=None, scale: float = None):
     """``(out, lse)`` of softmax attention on a grid where query ``i`` sees the keys whose
     coordinates lie in ``[boxes[i, :3], boxes[i, 3:])`` (axes padded in front to three; shared by
     every batch and head). q ``(B, H, N, D)``, k/v ``(B, Hkv, N, D|Dv)`` in raster order over
     ``shape``. ``tile``: the query tile (at most :data:`MAX_TILE` queries; default
-    :func:`box_tile`); ``keys``: :func:`box_union` of these boxes and tile when the caller has it;
-    ``scale`` defaults to ``D ** -0.5``."""
+    :func:`box_tile`); ``scale`` defaults to ``D ** -0.5``."""
     tile = box_tile(boxes, shape) if tile is None else tuple(tile)
     if math.prod(tile) > MAX_TILE:
         raise ValueError(f"tile: at most {MAX_TILE} queries, got {tile}")
-    keys = box_union(boxes, shape, tile) if keys is None else keys
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return tuple(module().box_attention(q, k, v, boxes, list(shape), list(tile), float(scale), max(keys, 1)))
+    return tuple(module().box_attention(q, k, v, boxes, list(shape), list(tile), float(scale)))
 
 
 #: Feature maps :func:`linear_chunks` applies itself, chunk by chunk, by name (its ``feature`` codes):

@@ -212,7 +212,7 @@ constexpr int64_t GROUP_COLUMNS = 8;
 template <typename T, int M>
 void forward(const T* q, const T* kt, int64_t ldk, const T* v, const int64_t* boxes, T* out, T* lse, int64_t B,
              int64_t H, int64_t Hkv, const std::array<int64_t, 3>& shape, const std::array<int64_t, 3>& tile,
-             int64_t D, int64_t Dv, T scale, int64_t max_keys) {
+             int64_t D, int64_t Dv, T scale) {
   constexpr int L = LANES<T>;
   constexpr int NV = std::max(1, std::min(6, ACCUMULATORS / M));  // slots per scores pass
   constexpr int DV = std::max(1, std::min(4, ACCUMULATORS / M));  // wide vectors per values pass
@@ -263,8 +263,6 @@ void forward(const T* q, const T* kt, int64_t ldk, const T* v, const int64_t* bo
           }
           continue;
         }
-        TORCH_CHECK((u[3] - u[0]) * (u[4] - u[1]) * cols <= max_keys, "a query tile's boxes span more than max_keys=",
-                    max_keys, " keys");
         const int64_t per_row = (cols + L - 1) / L;
         const int64_t padded = ((u[3] - u[0]) * (u[4] - u[1]) * per_row + NV - 1) / NV * NV;
         if (static_cast<int64_t>(t.slots.size()) < padded) {
@@ -333,7 +331,7 @@ void transpose_keys(const T* k, T* kt, int64_t BH, int64_t N, int64_t D, int64_t
 template <typename T>
 void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& boxes,
          torch::Tensor& out, torch::Tensor& lse, const std::array<int64_t, 3>& shape,
-         const std::array<int64_t, 3>& tile, double scale, int64_t max_keys) {
+         const std::array<int64_t, 3>& tile, double scale) {
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1), Dv = v.size(3);
   // rows padded past N by a slot, and off a multiple of 4 KiB so the D rows a pass reads do not
   // compete for the same cache sets
@@ -346,7 +344,7 @@ void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
   auto go = [&](auto m) {
     forward<T, decltype(m)::value>(q.data_ptr<T>(), kt, ldk, v.data_ptr<T>(), boxes.data_ptr<int64_t>(),
                                    out.data_ptr<T>(), lse.data_ptr<T>(), B, H, Hkv, shape, tile, D, Dv,
-                                   static_cast<T>(scale), max_keys);
+                                   static_cast<T>(scale));
   };
   switch (M) {
     case 1: go(std::integral_constant<int, 1>{}); break;
@@ -364,8 +362,7 @@ void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
 }  // namespace
 
 std::vector<torch::Tensor> box_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor boxes,
-                                         std::vector<int64_t> shape, std::vector<int64_t> tile, double scale,
-                                         int64_t max_keys) {
+                                         std::vector<int64_t> shape, std::vector<int64_t> tile, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, N, D), N in raster order");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
   TORCH_CHECK(!shape.empty() && shape.size() <= 3 && tile.size() == shape.size(), "shape and tile: 1 to 3 axes");
@@ -387,6 +384,6 @@ std::vector<torch::Tensor> box_attention(torch::Tensor q, torch::Tensor k, torch
   auto out = torch::empty({B, H, N, Dv}, q.options());
   auto lse = torch::empty({B, H, N}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "box_attention",
-                             [&] { run<scalar_t>(q, k, v, boxes, out, lse, sh, ti, scale, max_keys); });
+                             [&] { run<scalar_t>(q, k, v, boxes, out, lse, sh, ti, scale); });
   return {out, lse};
 }

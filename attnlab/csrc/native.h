@@ -9,8 +9,7 @@ std::vector<torch::Tensor> range_attention(torch::Tensor q, torch::Tensor k, tor
                                            torch::Tensor end, double scale, int64_t block_q, int64_t chunk);
 
 std::vector<torch::Tensor> box_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor boxes,
-                                         std::vector<int64_t> shape, std::vector<int64_t> tile, double scale,
-                                         int64_t max_keys);
+                                         std::vector<int64_t> shape, std::vector<int64_t> tile, double scale);
 
 torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor state,
                             c10::optional<torch::Tensor> log_decay, c10::optional<torch::Tensor> log_gates,

@@ -161,9 +161,8 @@ def run_flex(call: Call, q, k, v):
 
 
 def _native_plan(call: Call):
-    """``(structure, tile, keys)`` for the native kernels: ``tile`` None runs the range kernel, else the
-    box kernel with query tiles of that shape whose boxes span at most ``keys`` keys; or a string
-    saying why neither serves the call."""
+    """``(structure, tile)`` for the native kernels: ``tile`` None runs the range kernel, else the box
+    kernel with query tiles of that shape; or a string saying why neither serves the call."""
     mask, score = plan(call)
     if score is not None:
         return "the C++ kernels apply no score modifier"
@@ -182,18 +181,18 @@ def _native_plan(call: Call):
         tile, keys = planned
         if keys > _native.MAX_BOX_KEYS:
             return f"the boxes of a {tile} query tile span more than {_native.MAX_BOX_KEYS} keys"
-        return st, tile, keys
+        return st, tile
     if st.runs > _blocks.RUNS:
         return f"the C++ range kernel needs each query's visible keys to be at most {_blocks.RUNS} ranges"
-    return st, None, None
+    return st, None
 
 
 def run_native(call: Call, q, k, v):
-    st, tile, keys = _native_plan(call)
+    st, tile = _native_plan(call)
     if tile is None:
         runs = max(st.runs, 1)
         return _native.range_attention(q, k, v, st.start[0, 0, :, :runs], st.end[0, 0, :, :runs], call.scale)
-    return _native.box_attention(q, k, v, st.boxes, call.spatial, tile, call.scale, keys)
+    return _native.box_attention(q, k, v, st.boxes, call.spatial, tile, call.scale)
 
 
 def _flex_fn():
