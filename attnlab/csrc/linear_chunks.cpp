@@ -151,11 +151,11 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
         const T* qread = qc;  // Q', the queries as they read the state
         const T* last = nullptr;
         T chunk_decay = std::exp(l * T(n));  // of the state across the chunk (per-channel gates: `last`)
-        if (gates && gate_cols > 1) {
-          const T* gc = gates + (bh * L + c0) * gate_cols;
+        if (gates && gate_cols > 1) {  // per-channel gates: gate_cols == F
+          const T* gc = gates + (bh * L + c0) * F;
           for (int64_t t = 0; t < n; ++t)
             for (int64_t f = 0; f < F; ++f)
-              G[t * F + f] = gc[t * gate_cols + (gate_cols == 1 ? 0 : f)] + (t ? G[(t - 1) * F + f] : T(0));
+              G[t * F + f] = gc[t * F + f] + (t ? G[(t - 1) * F + f] : T(0));
           last = G.data() + (n - 1) * F;
           for (int64_t x = 0; x < n * F; ++x) qs[x] = qc[x] * std::exp(G[x]);
           qread = qs.data();
@@ -186,7 +186,6 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
               kdecay[t] = std::exp(Gt[n - 1] - Gt[t]);
             }
             chunk_decay = qdecay[n - 1];
-            built = -1;
           } else if (n != built) {
             for (int64_t t = 0; t < n; ++t) {
               for (int64_t s = 0; s < n; ++s) w[t * n + s] = s <= t ? std::exp(l * T(t - s)) : T(0);

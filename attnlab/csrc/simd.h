@@ -34,7 +34,6 @@ constexpr int LANES = 32 / sizeof(T);  // lanes of a V
 template <typename T>
 constexpr int WIDE = 64 / sizeof(T);  // lanes of a W
 
-
 template <typename T, typename V = typename Vec<T>::V>
 inline V load(const T* p) {
   return *reinterpret_cast<const typename Vec<T>::VU*>(p);
@@ -81,24 +80,25 @@ inline Vec<double>::V exp_nonpositive(Vec<double>::V x) {
 }
 
 // NaN tests on the bits (integer arithmetic, so -ffast-math cannot assume them away): `keep_nan(x, y)`
-// is x where x is NaN, else y, so that an elementwise map passes NaN inputs through as NaN.
+// is x where x is NaN, else y, so that an elementwise map passes NaN inputs through as NaN. `bits` is
+// an integer (vector) of T's width: NaN when its magnitude is above infinity's.
+template <typename T, typename Bits>
+inline auto nan_bits(Bits bits) {
+  using E = typename Vec<T>::E;
+  constexpr E sign = E(1) << (8 * sizeof(E) - 1), infinity = sizeof(T) == 4 ? E(0x7f800000) : E(0x7ff0000000000000LL);
+  return (bits & ~sign) > infinity;
+}
 template <typename T>
 inline bool is_nan(T x) {
-  using E = typename Vec<T>::E;
-  E bits;
+  typename Vec<T>::E bits;
   __builtin_memcpy(&bits, &x, sizeof bits);
-  const E magnitude = bits & ~(E(1) << (8 * sizeof(E) - 1));
-  return magnitude > (sizeof(T) == 4 ? E(0x7f800000) : E(0x7ff0000000000000LL));
+  return nan_bits<T>(bits);
 }
 template <typename T>
 inline typename Vec<T>::V keep_nan(typename Vec<T>::V x, typename Vec<T>::V y) {
-  using I = typename Vec<T>::I;
-  using E = typename Vec<T>::E;
-  I bits;
+  typename Vec<T>::I bits;
   __builtin_memcpy(&bits, &x, sizeof bits);
-  const I magnitude = bits & ~(E(1) << (8 * sizeof(E) - 1));
-  const auto nan = magnitude > (sizeof(T) == 4 ? E(0x7f800000) : E(0x7ff0000000000000LL));
-  return nan ? x : y;
+  return nan_bits<T>(bits) ? x : y;
 }
 
 }  // namespace attnlab
