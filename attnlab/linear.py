@@ -150,10 +150,10 @@ def chunked(fq, fk, v, S, *, chunk: int, log_decay=None, log_gates=None, feature
     fused C++ kernel (:func:`attnlab.native.linear_chunks`) computes the same thing.
     """
     B, H, L, F = fq.shape
-    if S.dtype == fq.dtype and _native.serves(fq, fk, v, S, log_decay, log_gates):
-        S = S.clone(memory_format=torch.contiguous_format)
-        return _native.linear_chunks(fq, fk, v, S, log_decay, chunk, log_gates, feature=feature, q_scale=q_scale,
-                                     feature_dim=feature_dim), S
+    S_kernel = _kernel_state(S, fq, fk, v, log_decay, log_gates)
+    if S_kernel is not None:
+        return _native.linear_chunks(fq, fk, v, S_kernel, log_decay, chunk, log_gates, feature=feature, q_scale=q_scale,
+                                     feature_dim=feature_dim), S_kernel
     fq, fk = _mapped(fq, fk, feature, q_scale, feature_dim)
     per = chunk * max(1, SPAN // chunk)
     consts = {}
@@ -183,10 +183,10 @@ def chunked_normalized(fq, fk, v, S, *, chunk: int, log_decay=None, normalize: b
     """:func:`chunked` then :func:`finish`: the output ``num / (den + eps)`` (or ``num``), and the state
     (``value_dim + 1`` columns when normalizing). The C++ kernel, where it serves, divides inside each
     chunk instead of appending a column of ones to ``v``."""
-    if normalize and S.dtype == fq.dtype and _native.serves(fq, fk, v, S, log_decay):
-        S = S.clone(memory_format=torch.contiguous_format)
-        return _native.linear_chunks(fq, fk, v, S, log_decay, chunk, normalize_eps=eps, feature=feature,
-                                     q_scale=q_scale, feature_dim=feature_dim), S
+    S_kernel = _kernel_state(S, fq, fk, v, log_decay) if normalize else None
+    if S_kernel is not None:
+        return _native.linear_chunks(fq, fk, v, S_kernel, log_decay, chunk, normalize_eps=eps, feature=feature,
+                                     q_scale=q_scale, feature_dim=feature_dim), S_kernel
     raw, S = chunked(fq, fk, with_ones(v, normalize), S, chunk=chunk, log_decay=log_decay, feature=feature,
                      q_scale=q_scale, feature_dim=feature_dim)
     return finish(raw, normalize, eps), S
@@ -198,9 +198,10 @@ def chunked_centred(fq, fk, v, S, value_sum, count: int, *, chunk: int, scale: f
     ``o_i = scale/N_i (num_i - den_i ū_i) + ū_i``, ``ū_i`` = (``value_sum`` + the values up to ``i``) / ``N_i``.
     Returns ``(o, S, value_sum after the segment)``; the C++ kernel, where it serves, finishes each
     chunk as it goes."""
-    if S.dtype == fq.dtype and _native.serves(fq, fk, v, S, value_sum):
-        S, vsum = S.clone(memory_format=torch.contiguous_format), value_sum.clone(memory_format=torch.contiguous_format)
-        return _native.linear_chunks(fq, fk, v, S, None, chunk, centre=(vsum, scale, count)), S, vsum
+    S_kernel = _kernel_state(S, fq, fk, v, value_sum)
+    if S_kernel is not None:
+        vsum = value_sum.clone(memory_format=torch.contiguous_format)  # updated in place too
+        return _native.linear_chunks(fq, fk, v, S_kernel, None, chunk, centre=(vsum, scale, count)), S_kernel, vsum
     raw, S = chunked(fq, fk, with_ones(v, True), S, chunk=chunk)
     N = count + torch.arange(1, v.shape[2] + 1, device=v.device, dtype=v.dtype)[:, None]
     vsum = value_sum[:, :, None] + v.cumsum(2)
@@ -210,6 +211,14 @@ def chunked_centred(fq, fk, v, S, value_sum, count: int, *, chunk: int, scale: f
 def finish_centred(raw: torch.Tensor, ubar, count, scale: float) -> torch.Tensor:
     """InLine's output from the raw ``[num | den]``: ``scale/count (num - den ū) + ū``."""
     return scale / count * (raw[..., :-1] - raw[..., -1:] * ubar) + ubar
+
+
+def _kernel_state(S: torch.Tensor, fq, *tensors) -> Optional[torch.Tensor]:
+    """A contiguous copy of the state for the C++ kernel to update in place, or None when the kernel
+    does not serve this call (:func:`attnlab.native.serves` on the inputs, the state in their dtype)."""
+    if S.dtype != fq.dtype or not _native.serves(fq, S, *tensors):
+        return None
+    return S.clone(memory_format=torch.contiguous_format)
 
 
 def _mapped(q, k, feature: str, q_scale: float, feature_dim: int):
@@ -316,5 +325,6 @@ def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int 
     return fwd + bwd - diag
 
 
-__all__ = ["ELEMENTWISE", "EXP_RANGE", "FEATURES", "chunked", "chunked_centred", "chunked_normalized", "feature_map", "finish", "finish_centred", "fused", "noncausal", "parallel", "scan_recurrent", "step",
-           "weights", "with_ones"]
+__all__ = ["ELEMENTWISE", "EXP_RANGE", "FEATURES", "chunked", "chunked_centred", "chunked_normalized", "feature_map",
+           "finish", "finish_centred", "fused", "noncausal", "parallel", "scan_recurrent", "step", "weights",
+           "with_ones"]

@@ -193,23 +193,23 @@ def chunk(W: Weights, S: Weights, G: Weights, q, k, v, co: Coefficients, activat
              - ((x @ Z[i].transpose(-1, -2)) * co.w_grad) @ Dl[i])
         x = act(activation, a) if i < len(W) - 1 else a
     last = lambda c: c[..., -1, None, None]  # noqa: E731  (the run's last token, as a (…, 1, 1) factor)
-    W_new = [_update(last(co.keep_w) * w, last(co.from_s), s, z, co.w_grad[..., -1, :, None] * d)
+    W_new = [_update(last(co.keep_w) * w, z, co.w_grad[..., -1, :, None] * d, last(co.from_s), s)
              for w, s, z, d in zip(W, S, Z, Dl)]
-    S_new = [_update(last(co.keep_s) * s, None, None, z, co.s_grad[..., -1, :, None] * d) for s, z, d in zip(S, Z, Dl)]
+    S_new = [_update(last(co.keep_s) * s, z, co.s_grad[..., -1, :, None] * d) for s, z, d in zip(S, Z, Dl)]
     return x, W_new, S_new
 
 
-def _update(kept: torch.Tensor, b, s, z, d) -> torch.Tensor:
-    """``kept + b s - zᵀ d`` accumulated into ``kept`` (a fresh tensor): one pass over the weights per
-    term instead of a temporary each (the weights are the chunked form's memory traffic)."""
+def _update(kept: torch.Tensor, z, d, b=None, s=None) -> torch.Tensor:
+    """``kept + b s - zᵀ d`` accumulated into ``kept`` (a fresh tensor, broadcast to the batch and head
+    dims of all terms): one pass over the weights per term instead of a temporary each (the weights
+    are the chunked form's memory traffic)."""
+    lead = torch.broadcast_shapes(kept.shape[:-2], z.shape[:-2], *([] if s is None else [s.shape[:-2]]))
+    kept = kept.expand(*lead, *kept.shape[-2:]).contiguous()
     if s is not None:
-        kept = kept.expand(torch.broadcast_shapes(kept.shape, s.shape)).contiguous() if kept.shape != s.shape else kept
         kept.addcmul_(s, b)
-    lead = kept.shape[:-2]
-    flat = kept.reshape(-1, *kept.shape[-2:])
-    zt = z.transpose(-1, -2).expand(*lead, *z.shape[-1:], *z.shape[-2:-1]).reshape(-1, z.shape[-1], z.shape[-2])
-    dd = d.expand(*lead, *d.shape[-2:]).reshape(-1, *d.shape[-2:])
-    return flat.baddbmm_(zt, dd, alpha=-1).view(kept.shape)
+    flat = lambda x: x.expand(*lead, *x.shape[-2:]).reshape(-1, *x.shape[-2:])  # noqa: E731
+    kept.view(-1, *kept.shape[-2:]).baddbmm_(flat(z.transpose(-1, -2)), flat(d), alpha=-1)
+    return kept
 
 
 def chunk_explicit(W: Weights, S: Weights, G: Weights, q, k, v, co: Coefficients, activation: str,

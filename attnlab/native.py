@@ -21,8 +21,8 @@ neighbourhood than a GEMM's blocks). All run on torch's OpenMP thread pool. The 
 compiled with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja are needed) into
 ``$ATTNLAB_NATIVE_DIR`` (default ``~/.cache/attnlab/native``), once per source change, torch
 version and CPU capability; ``scripts/setup.sh`` builds it ahead (:func:`main`).
-``ATTNLAB_NATIVE=0`` turns it off. When it cannot be built, :func:`unavailable` says why and every caller falls back to the
-PyTorch path; nothing requires it.
+``ATTNLAB_NATIVE=0`` turns it off. When it cannot be built, :func:`unavailable` says why and every
+caller falls back to the PyTorch path; nothing requires it.
 """
 from __future__ import annotations
 

@@ -308,8 +308,8 @@ register(Mechanism(
     recurrence=Recurrence(parallel=_parallel, chunked=_chunked, step=_step, init=_init, state_size=_state_size,
                           noncausal_recurrent=_noncausal_recurrent, fused=K.fused),
     flops=_flops,
-    complexity={"time": "O(L n d) non-causal; O(L (n d + C (n + d_v) + n d_v)) causal chunked", "memory": "O(L (d + n))",
-                "state": "O(n d_v)"},
+    complexity={"time": "O(L n d) non-causal; O(L (n d + C (n + d_v) + n d_v)) causal chunked",
+                "memory": "O(L (d + n))", "state": "O(n d_v)"},
     extras={"gradcheck_impls": ("chunked", "parallel"), "nan_rows": _nan_rows, "random_params": _random_params},
 ))
 

@@ -162,23 +162,20 @@ def _with_cache(call: Call, state: State, k, v):
 
 
 def _chunked(call: Call, q, k, v, state: Optional[State]):
-    if call.causal:  # the chunked form maps q and k itself
-        dt = R.compute_dtype(q.dtype)
-        fq, fk, vv = q.to(dt), k.to(dt), v.to(dt)
-    else:
-        fq, fk, vv = _linear(call, q, k, v)
-        dt = fq.dtype
     if not call.causal:
+        fq, fk, vv = _linear(call, q, k, v)
         out = K.finish(K.noncausal(fq, fk, K.with_ones(vv, True)), True, EPS)
         if call.params["window"]:
-            out = out + _window(call, q.to(dt), k.to(dt), v.to(dt))
+            out = out + _window(call, q.to(fq.dtype), k.to(fq.dtype), vv)
         return out.to(v.dtype), None
+    dt = R.compute_dtype(q.dtype)  # the causal chunked form maps q and k itself
+    fq, fk, vv = q.to(dt), k.to(dt), v.to(dt)
     state = _init(call, q.shape[0], q.shape[1], q.dtype, q.device) if state is None else state
     out, S = K.chunked_normalized(fq, fk, vv, state["S"], chunk=call.params["chunk_size"], normalize=True,
                                   eps=EPS, feature="taylor", feature_dim=call.params["feature_dim"])
-    kc, vc, k_cache, v_cache = _with_cache(call, state, k.to(dt), v.to(dt))
+    kc, vc, k_cache, v_cache = _with_cache(call, state, fk, vv)
     if call.params["window"]:
-        out = out + _window(call, q.to(dt), kc, vc)
+        out = out + _window(call, fq, kc, vc)
     return out.to(v.dtype), state.replace(length=state.length + k.shape[2], S=S, k=k_cache, v=v_cache)
 
 
