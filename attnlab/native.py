@@ -13,8 +13,10 @@ tested against it):
                      one gate per token or GLA's per-channel gates; the normalizer or InLine's
                      centred finish), walking the chunks of each (batch, head) with the state in
                      cache and applying elementwise or Taylor feature maps chunk by chunk.
+``memory_chunks``    the chunked form of Titans' neural memory (:mod:`attnlab.memory`): each
+                     (batch, head) walks its chunks with the MLP's weights and momentum in cache.
 
-``range_attention`` and ``linear_chunks`` do their GEMMs with the micro-kernel torch's own CPU
+``range_attention``, ``linear_chunks`` and ``memory_chunks`` do their GEMMs with the micro-kernel torch's own CPU
 attention uses (oneDNN BRGEMM, through ATen); ``box_attention`` has register-blocked micro-kernels
 of its own that read keys and values in place (tiles of a few queries waste less of a
 neighbourhood than a GEMM's blocks). All run on torch's OpenMP thread pool. The module is
@@ -33,7 +35,7 @@ from typing import Optional
 
 import torch
 
-_SOURCES = ("bindings.cpp", "ranges.cpp", "boxes.cpp", "linear_chunks.cpp")
+_SOURCES = ("bindings.cpp", "ranges.cpp", "boxes.cpp", "linear_chunks.cpp", "memory.cpp")
 _STATE: dict = {}
 
 #: Code generation per CPU capability torch reports (the kernels' own loops: exponentials,
@@ -220,6 +222,19 @@ def linear_chunks(q, k, v, state: torch.Tensor, log_decay: Optional[torch.Tensor
     return module().linear_chunks(q, k, v, state, log_decay, log_gates, int(chunk), eps,
                                   LINEAR_FEATURES.index(feature), int(feature_dim), float(q_scale), vsum, float(cscale),
                                   int(count))
+
+
+def memory_chunks(q, k, v, ws: list, g: list, coefficients, chunk: int, pos0: int, activation: str) -> torch.Tensor:
+    """Titans' memory over one causal segment (see :func:`attnlab.memory.chunk`), chunk after chunk per
+    (batch, head) with the weights in cache. ``ws``: per layer the stacked ``[W; S]`` ``(B, H, 2, in, out)``,
+    updated in place; ``g``: per layer the chunk-start weights ``(B, H, in, out)`` (read when ``pos0`` is
+    inside a chunk, written when the segment ends inside a chunk it started; ``[]`` for ``chunk`` 1);
+    ``coefficients``: :class:`attnlab.memory.Coefficients` of the segment's runs, ``(Bc, Hc, R, C[, C])``
+    (R = 1: the same for every run). Returns the output ``(B, H, L, Dv)``."""
+    from .memory import ACTIVATIONS  # the kernel's activation codes are their indices
+
+    co = [x.contiguous() for x in coefficients[:5]]
+    return module().memory_chunks(q, k, v, ws, g, *co, int(chunk), int(pos0), ACTIVATIONS.index(activation))
 
 
 def main() -> int:

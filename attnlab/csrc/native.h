@@ -16,6 +16,11 @@ torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
                             int64_t chunk, c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,
                             double q_scale, c10::optional<torch::Tensor> centre, double centre_scale, int64_t count0);
 
+torch::Tensor memory_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<torch::Tensor> ws,
+                            std::vector<torch::Tensor> g, torch::Tensor keep_w, torch::Tensor keep_s,
+                            torch::Tensor from_s, torch::Tensor w_grad, torch::Tensor s_grad, int64_t chunk,
+                            int64_t pos0, int64_t activation);
+
 extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
                        const double*, const int*, const double*, const int*, const double*, double*, const int*);
 

@@ -49,6 +49,7 @@ from typing import Optional
 import torch
 
 from .. import memory as mem
+from .. import native as _native
 from ..catalogue import Call, Mechanism, Param, mechanism, register
 from ..reference import compute_dtype
 from ..recurrent import OFFSETS, Recurrence, State, check_offsets, check_per_token, forms
@@ -176,12 +177,16 @@ def _runs(call: Call, dt, pos0: int, L: int):
 
 def _chunked(call: Call, q, k, v, state: Optional[State]):
     """Causal aligned segment from ``state``: the partial chunk up to the next boundary, the full chunks,
-    the remainder, each through memory.chunk (gradients at G, which becomes W at every boundary)."""
+    the remainder, each through memory.chunk (gradients at G, which becomes W at every boundary); on the
+    C++ kernel where it serves (:func:`_native_chunked`)."""
     B, H, L, _ = q.shape
     state = _init(call, B, H, q.dtype, q.device) if state is None else state
     q, k, v = _prep(call, q, k, v)
     b, act, pos0 = call.params["chunk_size"], call.params["activation"], state.length
     W, S, G = _unpack(state, call)
+    if _native.serves(q, k, v, *W, *S, *G, *(call.params.get(t) for _, t in RATES)):
+        out, W, S, G = _native_chunked(call, q, k, v, W, S, G, pos0)
+        return out.to(call.dtype), _pack(state, pos0 + L, W, S, G)
     outs = []
     for s, e, co in _runs(call, q.dtype, pos0, L):
         o, W, S = mem.chunk(W, S, G if b > 1 else W, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], co, act)
@@ -189,6 +194,44 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
             G = W
         outs.append(o)
     return torch.cat(outs, dim=2).to(call.dtype), _pack(state, pos0 + L, W, S, G)
+
+
+def _fused(call: Call) -> bool:
+    """True when :func:`_chunked` runs on the C++ kernel for this call (it then takes the call whole)."""
+    grad = call.requires_grad or any(isinstance(x, torch.Tensor) and x.requires_grad for x in call.params.values())
+    return _native.unsupported(call.device, compute_dtype(call.dtype), grad) is None
+
+
+def _run_coefficients(call: Call, dt, pos0: int, L: int) -> mem.Coefficients:
+    """The coefficients of every run of the segment for the kernel, ``(Bc, Hc, R, C[, C])``: the rates of
+    each run padded at its end to ``C`` with ``θ = 0, η = 1, α = 0`` (which change no product of the
+    run's own rows); with constant rates one set (R = 1) serves every run (a shorter run's are the
+    leading rows and columns)."""
+    b = call.params["chunk_size"]
+    if all(call.params.get(t) is None for _, t in RATES):
+        return mem.coefficients(*(r[:, :, None] for r in _rates(call, dt, 0, b)))
+    index, t = [], 0
+    while t < L:
+        n = min(L - t, b - (pos0 + t) % b)
+        index.append(list(range(t, t + n)) + [-1] * (b - n))
+        t += n
+    index = torch.tensor(index, device=call.device)
+    pads = (0.0, 1.0, 0.0)
+    rates = [torch.where(index >= 0, r[:, :, index.clamp(min=0)], pad) for r, pad in zip(_rates(call, dt, 0, L), pads)]
+    return mem.coefficients(*rates)
+
+
+def _native_chunked(call: Call, q, k, v, W, S, G, pos0: int):
+    """:func:`_chunked` on the C++ kernel (:func:`attnlab.native.memory_chunks`): returns ``(out, W, S, G)``."""
+    B, H, L, _ = q.shape
+    b = call.params["chunk_size"]
+    full = lambda x: x.expand(B, H, *x.shape[-2:])  # noqa: E731
+    ws = [torch.stack([full(w), full(s)], 2) for w, s in zip(W, S)]  # fresh: updated in place
+    g = [full(x).clone(memory_format=torch.contiguous_format) for x in G] if b > 1 else []
+    co = _run_coefficients(call, q.dtype, pos0, L)
+    out = _native.memory_chunks(q, k, v, ws, g, co, b, pos0, call.params["activation"])
+    W, S = [x[:, :, 0] for x in ws], [x[:, :, 1] for x in ws]
+    return out, W, S, (W if (pos0 + L) % b == 0 else g)
 
 
 def _step(call: Call, state: State, q_t, k_t, v_t):
@@ -300,7 +343,8 @@ register(Mechanism(
          "alpha": 0.0},
     ),
     reference_impl="parallel",
-    recurrence=Recurrence(parallel=_parallel, chunked=_chunked, step=_step, init=_init, state_size=_state_size),
+    recurrence=Recurrence(parallel=_parallel, chunked=_chunked, step=_step, init=_init, state_size=_state_size,
+                          fused=_fused),
     flops=_flops,
     complexity={"time": "O(L (P + C (d + h)))", "memory": "O(L (d + h) + (L / C) P) with autograd, O(L d + P) "
                 "without", "state": "O(P), P = weights of the memory MLP"},

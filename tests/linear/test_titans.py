@@ -12,6 +12,7 @@ from torch.func import grad
 
 import attnlab
 from attnlab import memory as mem
+from attnlab import native
 from attnlab.entries.titans import memory_as_context
 from attnlab.reference import attention
 
@@ -335,3 +336,46 @@ def test_mac_bad_arguments():
         memory_as_context(q, k, v, segment=4, window=2, persistent_k=torch.zeros(2, 1, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="theta"):
         memory_as_context(q, k, v, segment=4, window=2, theta=-1.0)
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("params", [
+    {},
+    {"depth": 1, "chunk_size": 5, "theta": 0.3, "eta": 0.5, "alpha": 0.1},
+    {"depth": 3, "hidden": 5, "activation": "gelu", "chunk_size": 7, "qk_norm": False, "per_token": True},
+    {"chunk_size": 1, "activation": "tanh", "hidden": 6, "eta": 0.0, "alpha": 0.0},
+])
+def test_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, params):
+    """The C++ kernel (taken without autograd) equals the PyTorch path (taken when q requires grad), output and
+    state, over segments that start and end inside chunks; per-token rates broadcast over batch or heads; a NaN
+    key makes the same outputs NaN on both paths."""
+    params = dict(params)
+    L, B, H = 41, 2, 3
+    if params.pop("per_token", False):
+        g = torch.Generator().manual_seed(5)
+        params.update(theta_t=0.02 * torch.rand(1, H, L, generator=g, dtype=torch.float64).to(dtype),
+                      eta_t=torch.rand(B, 1, L, generator=g, dtype=torch.float64).to(dtype),
+                      alpha_t=0.3 * torch.rand(B, H, L, generator=g, dtype=torch.float64).to(dtype))
+    q, k, v = (x.to(dtype) for x in qkv(B=B, H=H, L=L, D=8, Dv=6, seed=3))
+    cuts = [0, 3, 4, 11, 16, 30, L]
+
+    def segments(q):
+        state, outs = None, []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            seg = {n: (x[:, :, a:b] if n.endswith("_t") else x) for n, x in params.items()}
+            o, state = M.scan(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state, **seg)
+            outs.append(o)
+        return torch.cat(outs, 2), state
+
+    fast, fast_state = segments(q)
+    slow, slow_state = segments(q.clone().requires_grad_())
+    torch.testing.assert_close(fast, slow.detach(), atol=tol, rtol=tol)
+    assert set(fast_state.tensors) == set(slow_state.tensors)
+    for name in fast_state.tensors:
+        torch.testing.assert_close(fast_state[name], slow_state[name].detach(), atol=tol, rtol=tol)
+    k[0, 1, 20, 2] = float("nan")  # spreads from its chunk's start on (0 · NaN in the masked products), both paths
+    bad = M(q, k, v, causal=True, **params)
+    assert torch.equal(bad.isnan(), M(q.clone().requires_grad_(), k, v, causal=True, **params).isnan())
+    start = 20 - 20 % params.get("chunk_size", 16)
+    assert bad[0, 1, 20:].isnan().all() and not bad[0, 1, :start].isnan().any() and not bad[1].isnan().any()
