@@ -13,10 +13,12 @@ tested against it):
                      one gate per token or GLA's per-channel gates; the normalizer or InLine's
                      centred finish), walking the chunks of each (batch, head) with the state in
                      cache and applying elementwise or Taylor feature maps chunk by chunk.
+``rat_chunks``       RAT's causal chunked form: each (batch, head) scans its tokens' gated summaries
+                     and attends to the finished chunks' finals and its own summary in one pass.
 ``memory_chunks``    the chunked form of Titans' neural memory (:mod:`attnlab.memory`): each
                      (batch, head) walks its chunks with the MLP's weights and momentum in cache.
 
-``range_attention``, ``linear_chunks`` and ``memory_chunks`` do their GEMMs with the micro-kernel torch's own CPU
+``range_attention``, ``linear_chunks``, ``memory_chunks`` and ``rat_chunks`` do their GEMMs with the micro-kernel torch's own CPU
 attention uses (oneDNN BRGEMM, through ATen); ``box_attention`` has register-blocked micro-kernels
 of its own that read keys and values in place (tiles of a few queries waste less of a
 neighbourhood than a GEMM's blocks). All run on torch's OpenMP thread pool. The module is
@@ -35,7 +37,7 @@ from typing import Optional
 
 import torch
 
-_SOURCES = ("bindings.cpp", "ranges.cpp", "boxes.cpp", "linear_chunks.cpp", "memory.cpp")
+_SOURCES = ("bindings.cpp", "ranges.cpp", "boxes.cpp", "linear_chunks.cpp", "memory.cpp", "rat.cpp")
 _STATE: dict = {}
 
 #: Code generation per CPU capability torch reports (the kernels' own loops: exponentials,
@@ -235,6 +237,17 @@ def memory_chunks(q, k, v, ws: list, g: list, coefficients, chunk: int, pos0: in
 
     co = [x.contiguous() for x in coefficients[:5]]
     return module().memory_chunks(q, k, v, ws, g, *co, int(chunk), int(pos0), ACTIVATIONS.index(activation))
+
+
+def rat_chunks(q, k, v, gk, gv, past_k, past_v, carry_k, carry_v, chunk: int, pos0: int, scale: float):
+    """RAT's causal chunked form over one segment (see :mod:`attnlab.entries.rat`): gates ``gk``
+    ``(B, H, L, 1|D)``, ``gv`` ``(B, H, L, 1|Dv)``; ``past_k``/``past_v`` the finished chunks' final
+    summaries before the segment, whose first token is at ``pos0``; ``carry_k``/``carry_v`` ``(B, H, D|Dv)``
+    the running summary when ``pos0`` is inside a chunk. Returns ``(out, finals_k, finals_v, last_k,
+    last_v)``: the finals after the segment (those of chunks ending in it appended) and the running
+    summary after its last token."""
+    return tuple(module().rat_chunks(q, k, v, gk, gv, past_k, past_v, carry_k, carry_v, int(chunk), int(pos0),
+                                     float(scale)))
 
 
 def main() -> int:

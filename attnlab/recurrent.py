@@ -27,6 +27,7 @@ States hold float32 accumulators for float16/bfloat16 inputs (float64 stays floa
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -255,6 +256,15 @@ def check_per_token(call: Call) -> None:
                              f"Lk={call.kv_len}, ...), got {tuple(x.shape)} {x.dtype}")
         if x.device != call.device:
             raise ValueError(f"{mech.name}: parameter '{n}' is on {x.device}, the inputs on {call.device}")
+
+
+def within(x: torch.Tensor, low: float = -math.inf, high: float = math.inf) -> bool:
+    """True when every element of ``x`` is finite and in ``[low, high]``: one pass (``aminmax``) over a
+    per-token tensor, so validating gates costs little beside the mechanism itself; NaN fails."""
+    if x.numel() == 0:
+        return True
+    lo, hi = (float(t) for t in torch.aminmax(x.detach()))
+    return math.isfinite(lo) and math.isfinite(hi) and low <= lo and hi <= high
 
 
 def _check_state(mech: Mechanism, state, call: Call) -> None:

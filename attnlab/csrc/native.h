@@ -21,6 +21,11 @@ torch::Tensor memory_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, s
                             torch::Tensor from_s, torch::Tensor w_grad, torch::Tensor s_grad, int64_t chunk,
                             int64_t pos0, int64_t activation);
 
+std::vector<torch::Tensor> rat_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gk,
+                                      torch::Tensor gv, torch::Tensor past_k, torch::Tensor past_v,
+                                      torch::Tensor carry_k, torch::Tensor carry_v, int64_t chunk, int64_t pos0,
+                                      double scale);
+
 extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
                        const double*, const int*, const double*, const int*, const double*, double*, const int*);
 

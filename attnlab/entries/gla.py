@@ -41,7 +41,7 @@ import torch
 from .. import linear as K
 from ..catalogue import Call, Mechanism, Param, register
 from ..reference import compute_dtype
-from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, check_per_token, forms
+from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, check_per_token, forms, within
 
 #: GLA's gate-logit normalizer τ: α = σ(x)^(1/τ) (Yang et al. 2024, section 4.4; ViG uses the same).
 GATE_NORMALIZER = 16.0
@@ -78,7 +78,7 @@ def _check(call: Call) -> None:
         if g.dim() != 4 or g.shape[-1] not in (1, call.head_dim):
             raise ValueError(f"{name}: {n} must have shape (B|1, H|1, Lk, Dk={call.head_dim} or 1), got "
                              f"{tuple(g.shape)}")
-        if not bool(torch.isfinite(g).all()) or bool((g > 0).any()):
+        if not within(g, high=0.0):
             raise ValueError(f"{name}: {n} must be finite and <= 0 (log of forget gates in (0, 1]); got values in "
                              f"[{float(g.min()):.3g}, {float(g.max()):.3g}]")
 

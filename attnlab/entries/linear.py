@@ -16,7 +16,7 @@ from .. import linear as K
 from ..catalogue import Call, Mechanism, Param, register
 from ..patterns.mods import alibi_slopes
 from ..reference import compute_dtype
-from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, check_per_token, forms
+from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, check_per_token, forms, within
 
 FEATURE_MAPS = ("elu+1", "relu", "identity", "favor+", "cosformer")
 
@@ -196,7 +196,7 @@ def _check_log_decay(call: Call):
     if lam.shape != (call.q_heads,) or not lam.is_floating_point():
         raise ValueError(f"{name}: log_decay must be a float tensor of shape (Hq,) = ({call.q_heads},), got "
                          f"{tuple(lam.shape)} {lam.dtype}")
-    if bool((lam > 0).any()) or not bool(lam.isfinite().all()):
+    if not within(lam, high=0.0):
         raise ValueError(f"{name}: log_decay must be finite and <= 0 (a decay in (0, 1]), got {lam.tolist()}")
 
 

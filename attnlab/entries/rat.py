@@ -44,7 +44,9 @@ Conventions (where the paper leaves attnlab's interface open):
 Forms: **parallel** = the unrolled sums above (a loop over the lag ``d``), then masked dense
 attention over the per-position summaries (the reference); **chunked** = the recurrence as a
 Hillis-Steele scan inside each chunk, then the queries (in groups of bounded memory) attend to the
-chunk finals plus their own summary; **recurrent** = the step above. Accumulation is float32 for
+chunk finals plus their own summary; causal and without autograd on CPU, the C++ kernel
+(:func:`attnlab.native.rat_chunks`) runs the recurrence as written and attends block by block in one
+pass per (batch, head); **recurrent** = the step above. Accumulation is float32 for
 half inputs; the recurrence is a convex combination (no growth), and every softmax row contains
 the query's own summary, so no row is empty and no epsilon is needed.
 """
@@ -56,9 +58,9 @@ import torch
 
 from .. import native as _native
 from .. import reference as R
-from .. import tiled as _tiled
 from ..catalogue import Call, Mechanism, Param, register
-from ..recurrent import OFFSETS, Recurrence, State, check_offsets, check_per_token, forms
+from ..linear import fused
+from ..recurrent import OFFSETS, Recurrence, State, check_offsets, check_per_token, forms, within
 from .aaren import prefix_scan
 
 NAME = "rat"
@@ -145,15 +147,8 @@ def scan_summaries(x: torch.Tensor, g: torch.Tensor, chunk: int, start: int = 0,
 # Attention over summaries
 # --------------------------------------------------------------------------------------------
 def _attend(q, keys, values, own_k, own_v, visible: torch.Tensor, scale: float) -> torch.Tensor:
-    """Row t: softmax over ``keys[:visible[t]]`` and its own summary ``own_k[t]`` (``visible`` non-decreasing).
-
-    Where the C++ kernels serve, the prefix of summaries is one range of keys per row (the range
-    kernel, which returns its log-sum-exp) and the own summary a one-key partial, merged by their
-    log-sum-exps (:func:`attnlab.tiled.merge`)."""
+    """Row t: softmax over ``keys[:visible[t]]`` and its own summary ``own_k[t]`` (``visible`` non-decreasing)."""
     B, H, L, _ = q.shape
-    if keys.shape[2] and _native.serves(q, keys, values):
-        prefix = _native.range_attention(q, keys, values, torch.zeros_like(visible), visible, scale)
-        return _tiled.merge([prefix, (own_v, (q * own_k).sum(-1) * scale)])[0]
     group = max(1, _GROUP_SCORES // (B * H * (keys.shape[2] + 1)))
     outs = []
     for a in range(0, L, group):
@@ -203,6 +198,8 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
     state = state if state is not None else _init(call, q.shape[0], q.shape[1], q.dtype, q.device)
     p0, L = state.length, k.shape[2]
     r = p0 % C
+    if _native.serves(qq, k, v, gk, gv, *state.tensors.values()):
+        return _native_chunked(call, qq, k, v, gk, gv, state)
     carry = (state["key"], state["value"]) if r else (None, None)
     sk = scan_summaries(k, gk, C, r, carry[0])
     sv = scan_summaries(v, gv, C, r, carry[1])
@@ -219,6 +216,24 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
                        "values": torch.cat([past_v, fv[:, :, :done]], 2),
                        "key": own_k[:, :, -1], "value": own_v[:, :, -1]}, p0 + L)
     return out.to(q.dtype), new
+
+
+def _native_chunked(call: Call, q, k, v, gk, gv, state: State):
+    """The causal chunked form on the C++ kernel (:func:`attnlab.native.rat_chunks`): one pass per
+    (batch, head), the summaries scanned and attended block by block."""
+    B, H, L, _ = q.shape
+    C, p0 = call.params["chunk"], state.length
+    past_k, past_v = state["keys"], state["values"]
+    if p0 % C == 0 and p0 > 0:  # the state's current chunk is complete
+        past_k = torch.cat([past_k, state["key"][:, :, None]], 2)
+        past_v = torch.cat([past_v, state["value"][:, :, None]], 2)
+    gates = [g.reshape(1, 1, 1, 1) if g.dim() == 0 else g for g in (gk, gv)]
+    gk, gv = (g.expand(B, H, L, g.shape[-1]) for g in gates)
+    out, fin_k, fin_v, key, value = _native.rat_chunks(q, k, v, gk, gv, past_k, past_v, state["key"], state["value"],
+                                                       C, p0, call.scale)
+    kept = past_k.shape[2] + (p0 % C + L - 1) // C  # finished before the segment's last token
+    new = State(NAME, {"keys": fin_k[:, :, :kept], "values": fin_v[:, :, :kept], "key": key, "value": value}, p0 + L)
+    return out.to(call.dtype), new
 
 
 def _absorb(state: State, C: int, k_t, v_t, gk, gv) -> State:
@@ -269,13 +284,6 @@ def _state_size(heads: int, head_dim: int, value_dim: int, length: Optional[int]
     return heads * chunks * (head_dim + value_dim)
 
 
-def _hs_combines(n: int) -> int:
-    total, d = 0, 1
-    while d < n:
-        total, d = total + n - d, 2 * d
-    return total
-
-
 def _visible_sum(n: int, C: int) -> int:
     """Σ_{p=0}^{n-1} (p // C): finished chunks seen by the queries at positions 0..n-1."""
     m = n // C
@@ -283,11 +291,12 @@ def _visible_sum(n: int, C: int) -> int:
 
 
 def _flops(call: Call) -> float:
-    """Chunked form: the two summary scans (3 flops per channel per combine, plus (1-g)x), then 2(D + Dv)
-    per (query, visible summary) pair and the softmax (about 3 per pair)."""
+    """The two summary recurrences (``g h + (1 - g) x``: 3 flops per channel and token), then 2(D + Dv) per
+    (query, visible summary) pair and the softmax (about 3 per pair). The useful work: the PyTorch path's
+    Hillis-Steele scan does about 3x the recurrences' flops; the C++ kernel runs them as written."""
     Lq, Lk, C, D, Dv = call.q_len, call.kv_len, call.params["chunk"], call.head_dim, call.value_dim
     chunks = -(-Lk // C)
-    scans = (chunks * _hs_combines(C) * 3 + 2 * Lk) * (D + Dv)
+    scans = 3 * Lk * (D + Dv)
     if call.causal:
         lo = max(Lk - Lq, 0)
         pairs = _visible_sum(Lk, C) - _visible_sum(lo, C) + (Lk - lo)
@@ -307,7 +316,7 @@ def _check(call: Call) -> None:
         shared = f", or D = {D} (shared by keys and values, since Dv == D)" if Dv == D else ""
         raise ValueError(f"{NAME}: parameter 'gates' must have shape (B|1, H|1, Lk, F) with F = 1 or D + Dv = {D + Dv}"
                          f"{shared}; got {tuple(g.shape)}")
-    if not bool(((g >= 0) & (g <= 1)).all()):
+    if not within(g, 0.0, 1.0):
         raise ValueError(f"{NAME}: parameter 'gates' must lie in [0, 1] (forget gates, e.g. torch.sigmoid(logits)), "
                          f"got values in [{float(g.min())}, {float(g.max())}]")
 
@@ -343,7 +352,7 @@ register(Mechanism(
               {"chunk": 5, "gates": _example_gates("shared")}),
     reference_impl="parallel",
     recurrence=Recurrence(parallel=_parallel, chunked=_chunked, step=_step, init=_init, state_size=_state_size,
-                          noncausal_recurrent=_noncausal_recurrent),
+                          noncausal_recurrent=_noncausal_recurrent, fused=fused),
     flops=_flops,
     complexity={"time": "O(L^2/C d + L d log C)", "memory": "O(L d)", "state": "O(L/C d)"},
     extras={"gradcheck_impls": ("chunked", "parallel"),

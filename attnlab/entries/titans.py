@@ -44,6 +44,7 @@ and, for ``chunk_size > 1``, the chunk-start weights ``G1..Gd`` the chunk's grad
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -52,7 +53,7 @@ from .. import memory as mem
 from .. import native as _native
 from ..catalogue import Call, Mechanism, Param, mechanism, register
 from ..reference import compute_dtype
-from ..recurrent import OFFSETS, Recurrence, State, check_offsets, check_per_token, forms
+from ..recurrent import OFFSETS, Recurrence, State, check_offsets, check_per_token, forms, within
 
 NAME = "titans"
 RATES = (("theta", "theta_t"), ("eta", "eta_t"), ("alpha", "alpha_t"))
@@ -272,9 +273,9 @@ def _check(call: Call) -> None:
         if x.dim() != 3:
             raise ValueError(f"{name}: {tensor} must have shape (B|1, H|1, Lk={call.kv_len}) (one {scalar} per "
                              f"token), got {tuple(x.shape)}")
-        hi = None if scalar == "theta" else 1.0
-        if not bool(x.isfinite().all()) or bool((x < 0).any()) or (hi is not None and bool((x > hi).any())):
-            valid = ">= 0" if hi is None else "in [0, 1]"
+        hi = math.inf if scalar == "theta" else 1.0
+        if not within(x, 0.0, hi):
+            valid = ">= 0" if hi == math.inf else "in [0, 1]"
             raise ValueError(f"{name}: {tensor} must be finite and {valid}, got values in [{float(x.min()):.3g}, "
                              f"{float(x.max()):.3g}]")
     w = p.get("init_weights")

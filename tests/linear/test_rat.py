@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import attnlab
+from attnlab import native
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 FORMS = ("parallel", "chunked", "recurrent")
+M = attnlab.mechanism("rat")
 
 
 def qkv(B=2, H=2, L=23, D=6, Dv=6, seed=0, Lq=None):
@@ -161,9 +163,7 @@ def test_flops_count_visible_pairs():
         ends = [t for t in range(L) if t % C == C - 1 or t == L - 1]
         pairs = sum((len([t for t in ends if t < (p // C) * C]) + 1 if causal else len(ends))
                     for p in (i + L - Lq for i in range(Lq)) if p >= 0 or not causal)
-        chunks = math.ceil(L / C)
-        combines = sum(C - d for d in (1, 2, 4, 8) if d < C)
-        scans = (chunks * combines * 3 + 2 * L) * (4 + 3)
+        scans = 3 * L * (4 + 3)  # g h + (1 - g) x per key and value channel and token
         assert m.flops(call) == scans + pairs * (2 * 4 + 2 * 3 + 3), (L, Lq, C, causal)
 
 
@@ -180,20 +180,38 @@ def test_bad_gates_raise_naming_gates():
         m(q, k, v, chunk=0)
 
 
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_attention_over_summaries_on_the_range_kernel(dtype, tol):
-    """The C++ path of the attention over chunk summaries (the prefix as one range of keys per row,
-    merged with the own summary by log-sum-exp) equals the PyTorch path (taken when q requires grad),
-    rows that see no finished chunk included."""
-    from attnlab.entries import rat
+@pytest.mark.parametrize("chunk,gates", [(4, "key+value"), (5, "per-head"), (3, None), (1, "shared"), (64, None),
+                                         (16, "shared")])
+def test_causal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, chunk, gates):
+    """The C++ kernel (taken without autograd) equals the PyTorch path (taken when q requires grad), output and
+    state, over segments that start and end inside chunks (more than one block of rows), for every gate shape;
+    a NaN key makes the same outputs NaN on both paths."""
+    g = torch.Generator().manual_seed(9)
+    B, H, L, D, Dv = 2, 3, 150, 8, 8
+    q, k, v = (torch.randn(B, H, L, d, generator=g, dtype=torch.float64).to(dtype) for d in (D, D, Dv))
+    F = {"key+value": D + Dv, "per-head": 1, "shared": D}
+    params = {"chunk": chunk}
+    if gates is not None:
+        shape = (1, H, L, 1) if gates == "per-head" else (B, H, L, F[gates])
+        params["gates"] = torch.rand(*shape, generator=g, dtype=torch.float64).to(dtype)
+    cuts = [0, 3, 4, 11, 16, 90, L]
 
-    g = torch.Generator().manual_seed(7)
-    B, H, L, n, D, Dv = 2, 3, 40, 9, 8, 5
-    q, own_k = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
-    own_v = torch.randn(B, H, L, Dv, generator=g, dtype=torch.float64).to(dtype)
-    keys = torch.randn(B, H, n, D, generator=g, dtype=torch.float64).to(dtype)
-    values = torch.randn(B, H, n, Dv, generator=g, dtype=torch.float64).to(dtype)
-    visible = (torch.arange(L) // 4).clamp(max=n)  # 0 for the first rows, then growing
-    got = rat._attend(q, keys, values, own_k, own_v, visible, 0.4)
-    want = rat._attend(q.clone().requires_grad_(), keys, values, own_k, own_v, visible, 0.4)
-    torch.testing.assert_close(got, want.detach(), atol=tol, rtol=tol)
+    def segments(q, k):
+        state, outs = None, []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            seg = {n: (x[:, :, a:b] if n == "gates" else x) for n, x in params.items()}
+            o, state = M.scan(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state, **seg)
+            outs.append(o)
+        return torch.cat(outs, 2), state
+
+    fast, fast_state = segments(q, k)
+    slow, slow_state = segments(q.clone().requires_grad_(), k)
+    torch.testing.assert_close(fast, slow.detach(), atol=tol, rtol=tol)
+    for name in fast_state.tensors:
+        torch.testing.assert_close(fast_state[name], slow_state[name].detach(), atol=tol, rtol=tol)
+    k[1, 2, 70, 3] = float("nan")
+    bad, _ = segments(q, k)
+    assert torch.equal(bad.isnan(), segments(q.clone().requires_grad_(), k)[0].isnan())
+    assert bad[1, 2, 70:].isnan().all() and not bad[1, 2, :70].isnan().any() and not bad[0].isnan().any()
