@@ -15,6 +15,8 @@ tested against it):
                      cache and applying elementwise or Taylor feature maps chunk by chunk.
 ``rat_chunks``       RAT's causal chunked form: each (batch, head) scans its tokens' gated summaries
                      and attends to the finished chunks' finals and its own summary in one pass.
+``aaren_scan``       Aaren's outputs for one query, each (batch, head) walking its keys once as
+                     the RNN with its (max, sum, weighted sum) state.
 ``memory_chunks``    the chunked form of Titans' neural memory (:mod:`attnlab.memory`): each
                      (batch, head) walks its chunks with the MLP's weights and momentum in cache.
 
@@ -37,7 +39,7 @@ from typing import Optional
 
 import torch
 
-_SOURCES = ("bindings.cpp", "ranges.cpp", "boxes.cpp", "linear_chunks.cpp", "memory.cpp", "rat.cpp")
+_SOURCES = ("bindings.cpp", "ranges.cpp", "boxes.cpp", "linear_chunks.cpp", "memory.cpp", "rat.cpp", "aaren.cpp")
 _STATE: dict = {}
 
 #: Code generation per CPU capability torch reports (the kernels' own loops: exponentials,
@@ -248,6 +250,14 @@ def rat_chunks(q, k, v, gk, gv, past_k, past_v, carry_k, carry_v, chunk: int, po
     summary after its last token."""
     return tuple(module().rat_chunks(q, k, v, gk, gv, past_k, past_v, carry_k, carry_v, int(chunk), int(pos0),
                                      float(scale)))
+
+
+def aaren_scan(query, k, v, m, u, w, scale: float, causal: bool) -> torch.Tensor:
+    """Aaren's outputs for one query per (batch, head) (see :mod:`attnlab.entries.aaren`), the keys
+    walked once with the state ``(m, u, w)`` (``(B, H)``, ``(B, H)``, ``(B, H, Dv)``, contiguous, updated in
+    place; ``u = 0``: empty). Returns every prefix's output ``(B, H, L, Dv)``, or with ``causal=False`` the
+    last one ``(B, H, 1, Dv)``."""
+    return module().aaren_scan(query, k, v, m, u, w, float(scale), bool(causal))
 
 
 def main() -> int:

@@ -26,6 +26,9 @@ std::vector<torch::Tensor> rat_chunks(torch::Tensor q, torch::Tensor k, torch::T
                                       torch::Tensor carry_k, torch::Tensor carry_v, int64_t chunk, int64_t pos0,
                                       double scale);
 
+torch::Tensor aaren_scan(torch::Tensor query, torch::Tensor k, torch::Tensor v, torch::Tensor m, torch::Tensor u,
+                         torch::Tensor w, double scale, bool causal);
+
 extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
                        const double*, const int*, const double*, const int*, const double*, double*, const int*);
 

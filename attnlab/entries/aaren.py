@@ -54,8 +54,10 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
+from .. import native as _native
 from .. import reference as R
 from ..catalogue import Call, Implementation, Mechanism, register
+from ..linear import fused
 from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, run_form
 
 NAME = "aaren"
@@ -130,7 +132,9 @@ def blockwise_scan(elems: Elems, chunk: int, carry: Optional[Elems] = None) -> E
 def shared_query(q: torch.Tensor, arg: str = "q") -> torch.Tensor:
     """``q[:, :, 0]`` after checking that every row repeats it (NaN equal to NaN); else ValueError."""
     first = q[:, :, :1]
-    same = (q == first) | (q.isnan() & first.isnan())
+    if q.shape[2] <= 1 or q.stride(2) == 0 or torch.equal(q, first.expand_as(q)):  # one pass, or none for a view
+        return q[:, :, 0]
+    same = (q == first) | (q.isnan() & first.isnan())  # NaN equal to NaN
     if not bool(same.all()):
         row = int(torch.nonzero(~same.all(-1).all(0).all(0))[0, 0])
         raise ValueError(f"{NAME}: {arg} must repeat one query per (batch, head) along its length axis (Aaren's "
@@ -175,6 +179,8 @@ def _parallel(call: Call, q, k, v):
 def _chunked(call: Call, q, k, v, state: Optional[State]):
     dt = R.compute_dtype(q.dtype)
     query = _state_query(q, state)
+    if _native.serves(query, k, v, *(() if state is None else state.tensors.values())):
+        return _native_chunked(call, query, k.to(dt), v.to(dt), state, q)
     elems = tokens(query, k.to(dt), v.to(dt), call.scale)
     carry = None if state is None or state.length == 0 else (state["m"], state["u"], state["w"])
     prefixes = blockwise_scan(elems, call.params["chunk_size"], carry)
@@ -183,6 +189,21 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
         return _finish(last, v).expand(-1, -1, q.shape[2], -1).contiguous(), None
     final = tuple(x[:, :, -1] for x in prefixes)
     return _finish(prefixes, v), _as_state(query, final, (0 if state is None else state.length) + k.shape[2])
+
+
+def _native_chunked(call: Call, query, k, v, state: Optional[State], q):
+    """:func:`_chunked` on the C++ kernel (:func:`attnlab.native.aaren_scan`): the keys walked once per
+    (batch, head) with the state, every exponent <= 0 as in the scan."""
+    B, H, L, _ = k.shape
+    if state is None or state.length == 0:
+        m = k.new_full((B, H), float("-inf"))
+        u, w = k.new_zeros(B, H), k.new_zeros(B, H, v.shape[-1])
+    else:
+        m, u, w = (state[n].contiguous().clone() for n in ("m", "u", "w"))
+    out = _native.aaren_scan(query.contiguous(), k, v, m, u, w, call.scale, call.causal).to(q.dtype)
+    if not call.causal:
+        return out.expand(-1, -1, q.shape[2], -1).contiguous(), None
+    return out, _as_state(query, (m, u, w), (0 if state is None else state.length) + L)
 
 
 def _step(call: Call, state: State, q_t, k_t, v_t):
@@ -218,10 +239,10 @@ def _impl(form: str, doc: str):
     """Check the shared query before any work; chunked/recurrent causal cross = causal self over Lk keys."""
 
     def run(call: Call, q, k, v):
-        shared_query(q)
+        shared_query(q)  # once: the forms then see row 0 repeated as a view, which their own check passes free
         Lq, Lk = call.q_len, call.kv_len
         if form == "parallel" or not call.causal or Lq == Lk:
-            return run_form(form, call, q, k, v)[0]
+            return run_form(form, call, q[:, :, :1].expand_as(q), k, v)[0]
         whole = dataclasses.replace(call, q_len=Lk, pattern="causal_self")
         out = run_form(form, whole, q[:, :, :1].expand(-1, -1, Lk, -1), k, v)[0]
         if Lq <= Lk:
@@ -231,24 +252,12 @@ def _impl(form: str, doc: str):
     return Implementation(form, run, doc=doc)
 
 
-def _scan_combines(n: int) -> int:
-    """Number of ``⊕`` in a Hillis-Steele scan of ``n`` elements: Σ_{d = 1, 2, 4, ... < n} (n - d)."""
-    total, d = 0, 1
-    while d < n:
-        total, d = total + n - d, 2 * d
-    return total
-
-
 def _flops(call: Call) -> float:
-    """Work of the chunked form over all Lk keys: scores (2D per key), every ``⊕`` of the blockwise scan
-    (3·Dv + 8 each: a max, two exps, the u and w updates) and the final division (Dv per position)."""
-    L, C = call.kv_len, call.params["chunk_size"]
-    n, r = L // C, L % C
-    combines = n * _scan_combines(C) + _scan_combines(n) + max(n - 1, 0) * C
-    if r:
-        combines += _scan_combines(r) + (r if n else 0)
-    per_head = 2 * L * call.head_dim + combines * (3 * call.value_dim + 8) + L * call.value_dim
-    return float(call.batch * call.q_heads * per_head)
+    """The useful work over all Lk keys: the score (2D per key), one ``⊕`` per key (3·Dv + 8: a max, two
+    exps, the u and w updates) and the division (Dv per key). The C++ kernel does this; the PyTorch
+    path's Hillis-Steele scan does about log2(chunk_size) times the ``⊕``s."""
+    per_key = 2 * call.head_dim + 3 * call.value_dim + 8 + call.value_dim
+    return float(call.batch * call.q_heads * call.kv_len * per_key)
 
 
 def _check(call: Call) -> None:
@@ -278,7 +287,7 @@ register(Mechanism(
     examples=({"chunk_size": 5}, {}),
     reference_impl="parallel",
     recurrence=Recurrence(parallel=_parallel, chunked=_chunked, step=_step, init=_init, state_size=_state_size,
-                          noncausal_recurrent=_noncausal_recurrent),
+                          noncausal_recurrent=_noncausal_recurrent, fused=fused),
     flops=_flops,
     complexity={"time": "O(L d + L d_v log C + (L/C) d_v log(L/C)) work, O(log L) depth",
                 "memory": "O(L d_v)", "state": "O(d + d_v)"},

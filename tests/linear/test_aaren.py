@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import attnlab
+from attnlab import native
 from attnlab.entries import aaren as A
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -86,28 +87,49 @@ def test_prefix_scan_is_inclusive_with_logarithmic_depth():
     (out,) = A.prefix_scan(add, (x,), 1)
     torch.testing.assert_close(out, x.cumsum(1), atol=1e-10, rtol=0)
     assert len(calls) == math.ceil(math.log2(1000)) == 10
-    assert sum(calls) == A._scan_combines(1000)
+    assert sum(calls) == sum(1000 - 2 ** i for i in range(10))  # step d merges n - d pairs
 
 
-def test_flops_count_the_combines_the_chunked_form_does(monkeypatch):
-    """The declared FLOPs count every ⊕ of the blockwise scan: instrument the operator and compare."""
-    count = []
-    real = A.combine
-
-    def counting(a, b):
-        out = real(a, b)
-        count.append(out[0].numel())
-        return out
-
-    monkeypatch.setattr(A, "combine", counting)
+def test_flops_count_one_combine_per_key():
+    """The declared FLOPs are the recurrence's: per key the score, one ⊕ and the division."""
     m = attnlab.mechanism("aaren")
-    for L, chunk in ((37, 5), (37, 64), (64, 8), (10, 1)):
-        count.clear()
+    for L, chunk in ((37, 5), (64, 8), (10, 1)):
         _, q, k, v = inputs(B=1, H=2, Hkv=2, L=L, D=4, Dv=3)
         call = m.prepare(q, k, v, causal=True, chunk_size=chunk)
-        m(q, k, v, causal=True, impl="chunked", chunk_size=chunk)
-        combines = sum(count) // 2  # B * H = 2
-        assert m.flops(call) == 2 * (2 * L * 4 + combines * (3 * 3 + 8) + L * 3), (L, chunk)
+        assert m.flops(call) == 2 * L * (2 * 4 + (3 * 3 + 8) + 3), (L, chunk)
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, causal):
+    """The C++ kernel (taken without autograd) equals the PyTorch path (taken when q requires grad), output and
+    state, over segments longer than the kernel's blocks, with scores far apart (each new maximum rescales the
+    state); a NaN key makes the same outputs NaN on both paths."""
+    _, q, k, v = (x.to(dtype) for x in inputs(B=2, H=3, Hkv=3, L=700, D=8, Dv=5))
+    k = k * 6
+
+    def run(q, k):
+        if not causal:
+            return m(q, k, v, causal=False), None
+        state, outs = None, []
+        for a, b in ((0, 5), (5, 300), (300, 700)):
+            o, state = m.scan(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state)
+            outs.append(o)
+        return torch.cat(outs, 2), state
+
+    m = attnlab.mechanism("aaren")
+    fast, fast_state = run(q, k)
+    slow, slow_state = run(q.clone().requires_grad_(), k)
+    torch.testing.assert_close(fast, slow.detach(), atol=tol, rtol=tol)
+    torch.testing.assert_close(fast, m(q, k, v, causal=causal, impl="parallel"), atol=tol, rtol=tol)
+    if causal:
+        for name in fast_state.tensors:
+            torch.testing.assert_close(fast_state[name], slow_state[name].detach(), atol=tol, rtol=tol)
+    k[1, 2, 400, 3] = float("nan")
+    bad = run(q, k)[0]
+    assert torch.equal(bad.isnan(), run(q.clone().requires_grad_(), k)[0].isnan())
+    assert bad[1, 2, 400 if causal else 0:].isnan().all() and not bad[0].isnan().any()
 
 
 def test_step_has_constant_state_and_equals_dense():
