@@ -15,6 +15,8 @@ tested against it):
                      cache and applying elementwise or Taylor feature maps chunk by chunk.
 ``rat_chunks``       RAT's causal chunked form: each (batch, head) scans its tokens' gated summaries
                      and attends to the finished chunks' finals and its own summary in one pass.
+``agent_chunks``     agent attention's causal chunked form: per (batch, head) the agents' softmax
+                     state walks the chunks, the logits never written out.
 ``aaren_scan``       Aaren's outputs for one query, each (batch, head) walking its keys once as
                      the RNN with its (max, sum, weighted sum) state.
 ``memory_chunks``    the chunked form of Titans' neural memory (:mod:`attnlab.memory`): each
@@ -39,7 +41,7 @@ from typing import Optional
 
 import torch
 
-_SOURCES = ("bindings.cpp", "ranges.cpp", "boxes.cpp", "linear_chunks.cpp", "memory.cpp", "rat.cpp", "aaren.cpp")
+_SOURCES = ("bindings.cpp", "ranges.cpp", "boxes.cpp", "linear_chunks.cpp", "memory.cpp", "rat.cpp", "aaren.cpp", "agent.cpp")
 _STATE: dict = {}
 
 #: Code generation per CPU capability torch reports (the kernels' own loops: exponentials,
@@ -258,6 +260,14 @@ def aaren_scan(query, k, v, m, u, w, scale: float, causal: bool) -> torch.Tensor
     place; ``u = 0``: empty). Returns every prefix's output ``(B, H, L, Dv)``, or with ``causal=False`` the
     last one ``(B, H, 1, Dv)``."""
     return module().aaren_scan(query, k, v, m, u, w, float(scale), bool(causal))
+
+
+def agent_chunks(q, k, v, agents, r, Z, U, scale: float, chunk: int):
+    """Agent attention's causal chunked form (see :mod:`attnlab.entries.agent`): ``agents`` ``(B, H, n, D)``,
+    the per-agent state ``r``, ``Z`` ``(B, H, n)`` and ``U`` ``(B, H, n, Dv)`` (contiguous, updated in place;
+    ``Z = 0``: empty). Returns ``(out, ok)``; ``ok`` is False when a prefix's normalizer left the dtype's
+    safe range (or a logit is NaN): ``out`` and the state are then incomplete."""
+    return module().agent_chunks(q, k, v, agents, r, Z, U, float(scale), int(chunk))
 
 
 def main() -> int:

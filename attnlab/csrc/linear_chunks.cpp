@@ -40,8 +40,6 @@
 
 namespace {
 
-template <typename T>
-constexpr T kRange = std::is_same_v<T, float> ? T(60) : T(600);  // as attnlab/linear.py's EXP_RANGE
 
 // dst (rows x F) = factor * phi(src (rows x Din)); phi by `feature` (0 identity, 1 elu + 1, 2 relu:
 // F = Din; 3 Taylor of the first d channels: F = 1 + d + d^2).
@@ -96,28 +94,6 @@ void decay_row(const T* G, int64_t t, int64_t n, T* row) {
   for (int64_t s = (t / L + 1) * L; s < n; ++s) row[s] = T(0);
 }
 
-// The chunk's rows split for the intra-chunk products: rows [0, h) see keys [0, h), rows [h, n) keys
-// [0, n); below 32 rows the whole square (a split would only add call overhead).
-inline int64_t split(int64_t n) { return n >= 32 ? n / 2 : n; }
-
-// s (n x n, row stride n) = a (n x F) . b (F x n, row stride n) below the split's diagonal block:
-// the block of rows [0, h) and keys [h, n) is zero, not computed.
-template <typename T>
-void causal_scores(int64_t n, int64_t F, const T* a, const T* b, T* s) {
-  const int64_t h = split(n);
-  attnlab::gemm(h, h, F, a, F, b, n, false, s, n);
-  for (int64_t t = 0; t < h; ++t) std::fill(s + t * n + h, s + (t + 1) * n, T(0));
-  if (h < n) attnlab::gemm(n - h, n, F, a + h * F, F, b, n, false, s + h * n, n);
-}
-
-// o (n x Dv) = s (n x n, zero above the split's diagonal block) . v (n x Dv), that block skipped.
-template <typename T>
-void causal_values(int64_t n, int64_t Dv, const T* s, const T* v, T* o) {
-  const int64_t h = split(n);
-  attnlab::gemm(h, Dv, h, s, n, v, Dv, false, o, Dv);
-  if (h < n) attnlab::gemm(n - h, Dv, n, s + h * n, n, v, Dv, false, o + h * Dv, Dv);
-}
-
 template <typename T>
 void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, int64_t gate_cols, T* state, T* out,
             int64_t BH, int64_t H, int64_t L, int64_t Din, int64_t F, int64_t Dv, int64_t C, bool normalize, T eps,
@@ -159,10 +135,10 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
           last = G.data() + (n - 1) * F;
           for (int64_t x = 0; x < n * F; ++x) qs[x] = qc[x] * std::exp(G[x]);
           qread = qs.data();
-          if (-*std::min_element(last, last + F) < kRange<T>) {
+          if (-*std::min_element(last, last + F) < attnlab::kRange<T>) {
             for (int64_t s = 0; s < n; ++s)
               for (int64_t f = 0; f < F; ++f) kt[f * n + s] = kc[s * F + f] * std::exp(-G[s * F + f]);
-            causal_scores(n, F, qs.data(), kt.data(), scores.data());
+            attnlab::causal_scores(n, F, qs.data(), kt.data(), scores.data());
             for (int64_t t = 0; t < n; ++t) std::fill(scores.data() + t * n + t + 1, scores.data() + (t + 1) * n, T(0));
           } else {  // strong decay: exp(G_t - G_s) <= 1 pair by pair
             for (int64_t t = 0; t < n; ++t)
@@ -195,7 +171,7 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
             built = n;
           }
           attnlab::transpose(kc, n, F, kt.data(), n);
-          causal_scores(n, F, qc, kt.data(), scores.data());
+          attnlab::causal_scores(n, F, qc, kt.data(), scores.data());
           for (int64_t x = 0; x < n * n; ++x) scores[x] *= w[x];
           if (l != T(0) || gates) {
             for (int64_t t = 0; t < n; ++t)
@@ -205,7 +181,7 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
               for (int64_t s = 0; s < n; ++s) kt[f * n + s] *= kdecay[s];
           }
         }
-        causal_values(n, Dv, scores.data(), vc, oc);                        // intra-chunk
+        attnlab::causal_values(n, Dv, scores.data(), vc, oc);                        // intra-chunk
         attnlab::gemm(n, Dv, F, qread, F, S, Ds, true, oc, Dv);             // + the state before it
         if (normalize) {  // den = row sums of the scores + Q' z
           T* vs = centre ? centre + bh * Dv : nullptr;

@@ -3,6 +3,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <vector>
 
 std::vector<torch::Tensor> range_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor start,
@@ -29,6 +30,10 @@ std::vector<torch::Tensor> rat_chunks(torch::Tensor q, torch::Tensor k, torch::T
 torch::Tensor aaren_scan(torch::Tensor query, torch::Tensor k, torch::Tensor v, torch::Tensor m, torch::Tensor u,
                          torch::Tensor w, double scale, bool causal);
 
+std::tuple<torch::Tensor, bool> agent_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor agents,
+                                             torch::Tensor r, torch::Tensor Z, torch::Tensor U, double scale,
+                                             int64_t chunk);
+
 extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
                        const double*, const int*, const double*, const int*, const double*, double*, const int*);
 
@@ -50,12 +55,38 @@ inline void gemm(int m, int n, int k, const double* a, int lda, const double* b,
   dgemm_(&t, &t, &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
 }
 
+// Exponents whose exp stays far inside the dtype (as attnlab/linear.py's EXP_RANGE).
+template <typename T>
+constexpr T kRange = std::is_same_v<T, float> ? T(60) : T(600);
+
 // dst[c * ld_dst + r] = src[r * cols + c] for r < rows, c < cols: row-major rows laid out as the
 // columns of dst (keys transposed into the B operand of a scores GEMM).
 template <typename T>
 inline void transpose(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * cols + c];
+}
+
+// The chunk's rows split for the intra-chunk products: rows [0, h) see keys [0, h), rows [h, n) keys
+// [0, n); below 32 rows the whole square (a split would only add call overhead).
+inline int64_t split(int64_t n) { return n >= 32 ? n / 2 : n; }
+
+// s (n x n, row stride n) = a (n x F) . b (F x n, row stride n) below the split's diagonal block:
+// the block of rows [0, h) and keys [h, n) is zero, not computed.
+template <typename T>
+void causal_scores(int64_t n, int64_t F, const T* a, const T* b, T* s) {
+  const int64_t h = split(n);
+  gemm(h, h, F, a, F, b, n, false, s, n);
+  for (int64_t t = 0; t < h; ++t) std::fill(s + t * n + h, s + (t + 1) * n, T(0));
+  if (h < n) gemm(n - h, n, F, a + h * F, F, b, n, false, s + h * n, n);
+}
+
+// o (n x Dv) = s (n x n, zero above the split's diagonal block) . v (n x Dv), that block skipped.
+template <typename T>
+void causal_values(int64_t n, int64_t Dv, const T* s, const T* v, T* o) {
+  const int64_t h = split(n);
+  gemm(h, Dv, h, s, n, v, Dv, false, o, Dv);
+  if (h < n) gemm(n - h, Dv, n, s + h * n, n, v, Dv, false, o + h * Dv, Dv);
 }
 
 // Call at the end of each thread's share of a parallel region that used gemm().

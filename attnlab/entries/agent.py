@@ -55,6 +55,7 @@ from typing import Mapping
 import torch
 
 from .. import linear as K
+from .. import native as _native
 from ..catalogue import Call, Mechanism, Param, register
 from ..reference import compute_dtype
 from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, forms
@@ -167,6 +168,10 @@ def _chunked(call: Call, q, k, v, state):
             m, Z, U = _absorb(m, Z, U, _logits(call, A, k[:, :, a:a + C]), vv[:, :, a:a + C])
         return _broadcast(call, q, A, U / Z[..., None]).to(v.dtype), None
     state = state or _init(call, q.shape[0], q.shape[1], q.dtype, q.device)
+    if _native.serves(q, A, k, vv, *state.tensors.values()):
+        fused = _native_chunked(call, q, A, k, vv, state)
+        if fused is not None:
+            return fused[0].to(v.dtype), fused[1]
     as_linear = _causal_as_linear(call, q, A, k, vv, state)
     if as_linear is not None:
         return as_linear[0].to(v.dtype), as_linear[1]
@@ -185,6 +190,20 @@ def _chunked(call: Call, q, k, v, state):
         m, Z, U = M[..., -1], Zt[..., -1], Ut[..., -1, :]
     out = torch.cat(outs, dim=2).to(v.dtype)
     return out, state.replace(length=state.length + L, max=m, sum=Z, wsum=U)
+
+
+def _native_chunked(call: Call, q, A, k, vv, state: State):
+    """The causal chunked form on the C++ kernel (:func:`attnlab.native.agent_chunks`): the linear form of
+    :func:`_causal_as_linear` with the reference moved up chunk by chunk (the state rescaled, every
+    exponent <= 0), the logits never written out. None when a normalizer leaves the safe range there
+    (the caller then takes the PyTorch forms from the same state)."""
+    dt = A.dtype
+    r, Z, U = (state[n].to(dt).contiguous().clone() for n in ("max", "sum", "wsum"))
+    out, ok = _native.agent_chunks(q.to(dt), k.to(dt), vv, A.contiguous(), r, Z, U, call.scale,
+                                   call.params["chunk_size"])
+    if not ok:
+        return None
+    return out, state.replace(length=state.length + k.shape[2], max=r, sum=Z, wsum=U)
 
 
 def _causal_as_linear(call: Call, q, A, k, vv, state: State):

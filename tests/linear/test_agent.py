@@ -9,6 +9,7 @@ import torch
 
 import attnlab
 from attnlab import conformance as C
+from attnlab import native
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -110,6 +111,46 @@ def test_causal_chunked_as_linear_attention_and_its_fallback(spread):
     o1, s = m.scan(q32[:, :, :17], k32[:, :, :17], v32[:, :, :17], agents=A32, chunk_size=8)
     o2, _ = m.scan(q32[:, :, 17:], k32[:, :, 17:], v32[:, :, 17:], s, agents=A32, chunk_size=8)
     torch.testing.assert_close(torch.cat([o1, o2], 2).double(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("chunk", [64, 16, 7])
+def test_causal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, chunk):
+    """The C++ kernel (taken without autograd; its reference moves up chunk by chunk) equals the PyTorch path
+    (taken when q requires grad), output and state, over segments; it reports logits too far apart within a
+    chunk (a NaN logit too), and the entry then takes the per-chunk form."""
+    from attnlab.entries import agent as E
+
+    m = attnlab.mechanism("agent")
+    q, k, v = (t.to(dtype) for t in qkv(B=2, H=3, L=150, D=8, Dv=6, seed=5))
+    A = rnd(1, 3, 5, 8, seed=6).to(dtype)
+
+    def segments(q):
+        state, outs = None, []
+        for a, b in ((0, 5), (5, 77), (77, 150)):
+            o, state = m.scan(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state, agents=A, chunk_size=chunk)
+            outs.append(o)
+        return torch.cat(outs, 2), state
+
+    fast, fast_state = segments(q)
+    slow, slow_state = segments(q.clone().requires_grad_())
+    torch.testing.assert_close(fast, slow.detach(), atol=tol, rtol=tol)
+    for name in fast_state.tensors:
+        torch.testing.assert_close(fast_state[name], slow_state[name].detach(), atol=tol, rtol=tol)
+    call = m.prepare(q, k, v, agents=A, causal=True, chunk_size=chunk)
+    Ae = E.agent_tokens(call, q).contiguous()
+    for bad in ("spread", "nan"):
+        kb = k.clone()
+        if bad == "spread":  # one key far above the earlier ones of its chunk: their normalizers underflow
+            kb[:, :, 3] = 1e4 * Ae[0, :, 0][None]
+        else:
+            kb[1, 2, 3, 0] = float("nan")
+        state = [t.contiguous().clone() for t in E._init(call, 2, 3, dtype, q.device).tensors.values()]
+        assert not native.agent_chunks(q, kb, v, Ae, *state, call.scale, chunk)[1]
+        got = m(q, kb, v, agents=A, causal=True, chunk_size=chunk)  # the per-chunk form
+        want = m(q, kb, v, agents=A, causal=True, impl="parallel")
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
 
 
 def test_per_channel_agents_gradients_and_state():

@@ -1,0 +1,128 @@
+// Agent attention's causal chunked form (CPU, forward): attnlab/entries/agent.py's n-feature linear
+// attention, fused so that each (batch, head) walks its chunks with the per-agent softmax state
+// (reference r, sum Z, weighted sum U) in cache, without the L x n logits ever being written out.
+//
+// Per chunk of keys K_c, queries Q_c, values V_c (s = scale k.a, p = softmax_a(scale q.a)):
+//   r' = max(r, max_t s_ta) per agent;  Z, U scaled by exp(r - r')  (every exponent <= 0)
+//   w_ta = exp(s_ta - r'),  z_ta = Z_a + sum_{j<=t} w_ja,  phi_ta = p_ta / z_ta
+//   O_c = (phi w^T masked to j <= t) V_c + phi U;   U += w^T V_c;  Z = z_{last}
+// which is o_t = sum_a p_ta V_A^(t)_a with V_A^(t) the agents' softmax over the keys up to t. z_ta can
+// only be tiny when a later key of the chunk carries a logit far above every earlier one; when some z
+// falls below exp(-RANGE) the call reports it and the caller takes the per-chunk PyTorch form.
+#include "native.h"
+#include "simd.h"
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+bool walk(const T* q, const T* k, const T* v, const T* agents, T* r, T* Z, T* U, T* out, int64_t BH, int64_t L,
+          int64_t D, int64_t Dv, int64_t n, int64_t C, T scale) {
+  std::atomic<bool> ok{true};
+  const T floor = std::exp(-attnlab::kRange<T>);
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<T> At(D * n), s(C * n), w(C * n), wt(n * C), z(C * n), phi(C * n), scores(C * C), rn(n), f(n);
+    for (int64_t bh = begin; bh < stop && ok; ++bh) {
+      const T* a = agents + bh * n * D;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t d = 0; d < D; ++d) At[d * n + i] = scale * a[i * D + d];
+      T* rh = r + bh * n;
+      T* Zh = Z + bh * n;
+      T* Uh = U + bh * n * Dv;
+      for (int64_t c0 = 0; c0 < L && ok; c0 += C) {
+        const int64_t m = std::min(C, L - c0);
+        const T* qc = q + (bh * L + c0) * D;
+        const T* kc = k + (bh * L + c0) * D;
+        const T* vc = v + (bh * L + c0) * Dv;
+        T* oc = out + (bh * L + c0) * Dv;
+        attnlab::gemm(m, n, D, kc, D, At.data(), n, false, s.data(), n);  // key logits
+        for (int64_t i = 0; i < n; ++i) {
+          T mx = s[i];
+          for (int64_t t = 1; t < m; ++t) mx = std::max(mx, s[t * n + i]);
+          const bool empty = Zh[i] == T(0);  // no key yet: whatever r holds is not a reference
+          rn[i] = empty ? mx : std::max(rh[i], mx);
+          f[i] = empty ? T(0) : std::exp(rh[i] - rn[i]);
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          Zh[i] *= f[i];
+          for (int64_t d = 0; d < Dv; ++d) Uh[i * Dv + d] *= f[i];
+        }
+        for (int64_t t = 0; t < m; ++t)
+          for (int64_t i = 0; i < n; ++i) w[t * n + i] = s[t * n + i] - rn[i];
+        for (int64_t x = 0; x < m * n; ++x) w[x] = std::exp(w[x]);
+        bool fine = true;
+        for (int64_t t = 0; t < m; ++t)
+          for (int64_t i = 0; i < n; ++i) {
+            z[t * n + i] = w[t * n + i] + (t ? z[(t - 1) * n + i] : Zh[i]);
+            fine = fine && !attnlab::is_nan(z[t * n + i]) && z[t * n + i] >= floor;
+          }
+        if (!fine) {
+          ok = false;
+          break;
+        }
+        attnlab::gemm(m, n, D, qc, D, At.data(), n, false, phi.data(), n);  // query logits
+        for (int64_t t = 0; t < m; ++t) {  // p = softmax over the agents, divided by z
+          T* row = phi.data() + t * n;
+          T mx = row[0];
+          for (int64_t i = 1; i < n; ++i) mx = std::max(mx, row[i]);
+          T sum = 0;
+          for (int64_t i = 0; i < n; ++i) sum += (row[i] = std::exp(row[i] - mx));
+          for (int64_t i = 0; i < n; ++i) row[i] /= sum * z[t * n + i];
+        }
+        attnlab::transpose(w.data(), m, n, wt.data(), m);
+        attnlab::causal_scores(m, n, phi.data(), wt.data(), scores.data());
+        for (int64_t t = 0; t < m; ++t) std::fill(scores.data() + t * m + t + 1, scores.data() + (t + 1) * m, T(0));
+        attnlab::causal_values(m, Dv, scores.data(), vc, oc);
+        attnlab::gemm(m, Dv, n, phi.data(), n, Uh, Dv, true, oc, Dv);  // + the state before the chunk
+        attnlab::gemm(n, Dv, m, wt.data(), m, vc, Dv, true, Uh, Dv);    // U += w^T V_c
+        for (int64_t i = 0; i < n; ++i) {
+          Zh[i] = z[(m - 1) * n + i];
+          rh[i] = rn[i];
+        }
+      }
+    }
+    attnlab::gemm_done();
+  });
+  return ok;
+}
+
+}  // namespace
+
+// q, k: (B, H, L, D); v: (B, H, L, Dv); agents: (B, H, n, D); the state r, Z: (B, H, n), U: (B, H, n, Dv),
+// contiguous, updated in place (an empty state has Z = 0). Returns (out (B, H, L, Dv), ok): ok is false
+// when some prefix's normalizer fell below exp(-RANGE) (or a logit is NaN); out and the state are then
+// incomplete and the caller runs the PyTorch form from its own copy of the state.
+std::tuple<torch::Tensor, bool> agent_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor agents,
+                                             torch::Tensor r, torch::Tensor Z, torch::Tensor U, double scale,
+                                             int64_t chunk) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 && agents.dim() == 4,
+              "q, k (B, H, L, D), v (B, H, L, Dv), agents (B, H, n, D)");
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  const auto dt = q.scalar_type();
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Dv = v.size(3), n = agents.size(2);
+  TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == L && agents.size(0) == B && agents.size(1) == H &&
+                  agents.size(3) == D && n > 0, "v or agents do not match q");
+  for (const auto* x : {&k, &v, &agents, &r, &Z, &U}) TORCH_CHECK(x->scalar_type() == dt, "dtypes differ");
+  TORCH_CHECK(r.is_contiguous() && Z.is_contiguous() && U.is_contiguous() && r.numel() == B * H * n &&
+                  Z.numel() == B * H * n && U.numel() == B * H * n * Dv,
+              "r, Z (B, H, n) and U (B, H, n, Dv) must be contiguous (they are updated in place)");
+  q = q.contiguous();
+  k = k.contiguous();
+  v = v.contiguous();
+  agents = agents.contiguous();
+  auto out = torch::empty({B, H, L, Dv}, q.options());
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES(dt, "agent_chunks", [&] {
+    using T = scalar_t;
+    ok = walk<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), agents.data_ptr<T>(), r.data_ptr<T>(),
+                 Z.data_ptr<T>(), U.data_ptr<T>(), out.data_ptr<T>(), B * H, L, D, Dv, n, chunk,
+                 static_cast<T>(scale));
+  });
+  return {out, ok};
+}
