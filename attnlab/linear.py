@@ -300,10 +300,25 @@ def _gated_chunks(q, k, vv, S, g):
 # --------------------------------------------------------------------------------------------
 # Non-causal forms
 # --------------------------------------------------------------------------------------------
+def bidirectional(fq, fk, v, *, chunk: int, log_decay=None, log_gates=None, q_scale: float = 1.0,
+                  strict: bool = False) -> Optional[torch.Tensor]:
+    """The causal chunked form plus the anti-causal one (the sequence read backwards), added, on the C++
+    kernel without flipping anything in memory: ``strict`` leaves the backward pass's diagonal out (so
+    a token's own pair counts once); ``log_gates`` = ``(forward, backward)`` per-channel log gates, the
+    backward ones read backwards too. None when the kernel does not serve the call."""
+    g, gb = log_gates if log_gates is not None else (None, None)
+    S = _kernel_state(fq.new_zeros(fq.shape[:2] + (fq.shape[-1], v.shape[-1])), fq, fk, v, log_decay, g, gb)
+    if S is None:
+        return None
+    out = _native.linear_chunks(fq, fk, v, S, log_decay, chunk, g, q_scale=q_scale)
+    return _native.linear_chunks(fq, fk, v, torch.zeros_like(S), log_decay, chunk, gb, q_scale=q_scale, reverse=True,
+                                 strict=strict, add_to=out)
+
+
 def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int = 64) -> torch.Tensor:
     """Every key visible. No decay: ``φq (Σ_j φk_jᵀ v_j)`` (cross attention too). Per-head decay:
     the bidirectional sum of a forward and a backward causal scan minus the double-counted diagonal
-    (self attention)."""
+    (self attention; on the C++ kernel, :func:`bidirectional`)."""
     if log_decay is None:
         if recurrent:  # absorb every key into the state, then read it out per query
             S = fq.new_zeros(fq.shape[:2] + (fq.shape[-1], v.shape[-1]))
@@ -312,6 +327,9 @@ def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int 
         else:
             S = fk.transpose(-1, -2) @ v
         return fq @ S
+    fast = None if recurrent else bidirectional(fq, fk, v, chunk=chunk, log_decay=log_decay, strict=True)
+    if fast is not None:
+        return fast
     S0 = fq.new_zeros(fq.shape[:2] + (fq.shape[-1], v.shape[-1]))
 
     def causal(a, b, c):
@@ -325,6 +343,6 @@ def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int 
     return fwd + bwd - diag
 
 
-__all__ = ["ELEMENTWISE", "EXP_RANGE", "FEATURES", "chunked", "chunked_centred", "chunked_normalized", "feature_map",
+__all__ = ["ELEMENTWISE", "EXP_RANGE", "FEATURES", "bidirectional", "chunked", "chunked_centred", "chunked_normalized", "feature_map",
            "finish", "finish_centred", "fused", "noncausal", "parallel", "scan_recurrent", "step", "weights",
            "with_ones"]

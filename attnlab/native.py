@@ -214,7 +214,8 @@ LINEAR_FEATURES = ("identity", "elu+1", "relu", "taylor")
 def linear_chunks(q, k, v, state: torch.Tensor, log_decay: Optional[torch.Tensor], chunk: int,
                   log_gates: Optional[torch.Tensor] = None, normalize_eps: Optional[float] = None,
                   feature: str = "identity", q_scale: float = 1.0, centre: Optional[tuple] = None,
-                  feature_dim: int = 0) -> torch.Tensor:
+                  feature_dim: int = 0, reverse: bool = False, strict: bool = False,
+                  add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal chunked linear attention (see :func:`attnlab.linear.chunked`) of ``φ(q) · q_scale`` and
     ``φ(k)`` with ``φ`` one of :data:`LINEAR_FEATURES` (``taylor`` of the first ``feature_dim``
     channels), with a per-head decay or per-channel gates
@@ -222,12 +223,15 @@ def linear_chunks(q, k, v, state: torch.Tensor, log_decay: Optional[torch.Tensor
     ``normalize_eps`` the normalized one ``num / (den + eps)`` (``state`` then has ``Dv + 1``
     columns, the last one the normalizer's, as :func:`attnlab.linear.with_ones` builds it), or with
     ``centre = (value_sum, scale, count)`` InLine's centred one (:func:`attnlab.linear.chunked_centred`;
-    ``value_sum`` ``(B, H, Dv)`` is updated in place)."""
+    ``value_sum`` ``(B, H, Dv)`` is updated in place). For the raw output only: ``reverse`` reads the
+    sequence backwards (the flipped inputs' causal form, flipped back: the anti-causal half of a
+    bidirectional form), ``strict`` leaves each token's own pair out, ``add_to`` adds the output into
+    that ``(B, H, L, Dv)`` tensor."""
     eps = None if normalize_eps is None else float(normalize_eps)
     vsum, cscale, count = centre if centre is not None else (None, 0.0, 0)
     return module().linear_chunks(q, k, v, state, log_decay, log_gates, int(chunk), eps,
                                   LINEAR_FEATURES.index(feature), int(feature_dim), float(q_scale), vsum, float(cscale),
-                                  int(count))
+                                  int(count), bool(reverse), bool(strict), add_to)
 
 
 def memory_chunks(q, k, v, ws: list, g: list, coefficients, chunk: int, pos0: int, activation: str) -> torch.Tensor:

@@ -295,3 +295,23 @@ def test_chunked_form_uses_the_kernel_only_without_autograd():
 def test_native_impl_listed():
     assert executor.NATIVE in executor.MASKED_IMPLS
     assert attnlab.mechanism("sliding_window").impl("native") is executor.NATIVE
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("decay", ["head", "gates"])
+def test_linear_chunks_read_backwards_equal_the_flipped_causal_form(dtype, tol, decay):
+    """``reverse``: the flipped inputs' (and gates') causal form, flipped back, without flipping anything;
+    ``strict`` leaves each token's own pair out; ``add_to`` adds the output into a tensor (the bidirectional
+    forms of lightning, retention and gla, :func:`attnlab.linear.bidirectional`)."""
+    q, k, v = _qkv(2, 3, 3, 75, 75, 8, 6, dtype, seed=4)
+    lam = -torch.rand(3, dtype=dtype) if decay == "head" else None
+    g = -torch.rand(2, 3, 75, 8, dtype=dtype) if decay == "gates" else None
+    flip = lambda x: None if x is None else x.flip(2)  # noqa: E731
+    zero = lambda: torch.zeros(2, 3, 8, 6, dtype=dtype)  # noqa: E731
+    want = native.linear_chunks(flip(q), flip(k), flip(v), zero(), lam, 16, flip(g)).flip(2)
+    got = native.linear_chunks(q, k, v, zero(), lam, 16, g, reverse=True)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    diag = (q * k).sum(-1, keepdim=True) * v  # a token's own pair: decay and gates are 1 there
+    base = torch.randn(2, 3, 75, 6, dtype=dtype)
+    added = native.linear_chunks(q, k, v, zero(), lam, 16, g, reverse=True, strict=True, add_to=base.clone())
+    torch.testing.assert_close(added, base + want - diag, atol=tol, rtol=tol)

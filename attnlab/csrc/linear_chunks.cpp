@@ -97,7 +97,8 @@ void decay_row(const T* G, int64_t t, int64_t n, T* row) {
 template <typename T>
 void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, int64_t gate_cols, T* state, T* out,
             int64_t BH, int64_t H, int64_t L, int64_t Din, int64_t F, int64_t Dv, int64_t C, bool normalize, T eps,
-            int feature, int64_t taylor_dim, T q_scale, T* centre, T centre_scale, int64_t count0) {
+            int feature, int64_t taylor_dim, T q_scale, T* centre, T centre_scale, int64_t count0, bool reverse,
+            bool strict, bool accumulate) {
   const int64_t Ds = Dv + (normalize ? 1 : 0);  // state row: Dv value columns, then the normalizer z
   const bool map_q = feature != 0 || q_scale != T(1), map_k = feature != 0;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
@@ -106,14 +107,35 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
         w(C * C + attnlab::LANES<T>), qdecay(C), kdecay(C), qm, km;
     if (map_q) qm.resize(C * F);
     if (map_k) km.resize(C * F);
+    std::vector<T> rq, rk, rv, rg, ro;  // a reversed chunk's rows; the output rows before they land
+    if (reverse) {
+      rq.resize(C * Din);
+      rk.resize(C * Din);
+      rv.resize(C * Dv);
+      if (gates) rg.resize(C * gate_cols);
+    }
+    if (reverse || accumulate) ro.resize(C * Dv);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const T l = lam ? lam[bh % H] : T(0);
       T* S = state + bh * F * Ds;
       int64_t built = -1;  // chunk length the decay tables were built for
       for (int64_t c0 = 0; c0 < L; c0 += C) {
         const int64_t n = std::min(C, L - c0);
-        const T* qc = q + (bh * L + c0) * Din;
-        const T* kc = k + (bh * L + c0) * Din;
+        const int64_t r0 = reverse ? L - c0 - n : c0;  // the chunk's first row in memory
+        const T* qc = q + (bh * L + r0) * Din;
+        const T* kc = k + (bh * L + r0) * Din;
+        const T* vc = v + (bh * L + r0) * Dv;
+        const T* gc = gates ? gates + (bh * L + r0) * gate_cols : nullptr;
+        if (reverse) {  // the sequence read backwards: the chunk's rows in reverse order
+          auto flip = [n](const T* src, int64_t width, std::vector<T>& dst) {
+            for (int64_t t = 0; t < n; ++t) std::copy(src + (n - 1 - t) * width, src + (n - t) * width, dst.data() + t * width);
+            return dst.data();
+          };
+          qc = flip(qc, Din, rq);
+          kc = flip(kc, Din, rk);
+          vc = flip(vc, Dv, rv);
+          if (gc) gc = flip(gc, gate_cols, rg);
+        }
         if (map_q) {
           feature_map(qc, n, Din, F, feature, taylor_dim, q_scale, qm.data());
           qc = qm.data();
@@ -122,13 +144,11 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
           feature_map(kc, n, Din, F, feature, taylor_dim, T(1), km.data());
           kc = km.data();
         }
-        const T* vc = v + (bh * L + c0) * Dv;
-        T* oc = out + (bh * L + c0) * Dv;
+        T* oc = ro.empty() ? out + (bh * L + c0) * Dv : ro.data();
         const T* qread = qc;  // Q', the queries as they read the state
         const T* last = nullptr;
         T chunk_decay = std::exp(l * T(n));  // of the state across the chunk (per-channel gates: `last`)
         if (gates && gate_cols > 1) {  // per-channel gates: gate_cols == F
-          const T* gc = gates + (bh * L + c0) * F;
           for (int64_t t = 0; t < n; ++t)
             for (int64_t f = 0; f < F; ++f)
               G[t * F + f] = gc[t * F + f] + (t ? G[(t - 1) * F + f] : T(0));
@@ -154,7 +174,6 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
             for (int64_t f = 0; f < F; ++f) kt[f * n + s] = kc[s * F + f] * std::exp(last[f] - G[s * F + f]);
         } else {
           if (gates) {  // one gate per token: G_t = cumsum, the per-head decay's tables from G
-            const T* gc = gates + bh * L + c0;
             for (int64_t t = 0; t < n; ++t) Gt[t] = gc[t] + (t ? Gt[t - 1] : T(0));
             for (int64_t t = 0; t < n; ++t) {
               decay_row(Gt.data(), t, n, w.data() + t * n);
@@ -181,6 +200,8 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
               for (int64_t s = 0; s < n; ++s) kt[f * n + s] *= kdecay[s];
           }
         }
+        if (strict)
+          for (int64_t t = 0; t < n; ++t) scores[t * n + t] = T(0);
         attnlab::causal_values(n, Dv, scores.data(), vc, oc);                        // intra-chunk
         attnlab::gemm(n, Dv, F, qread, F, S, Ds, true, oc, Dv);             // + the state before it
         if (normalize) {  // den = row sums of the scores + Q' z
@@ -214,6 +235,15 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
           }
         }
         attnlab::gemm(F, Dv, n, kt.data(), n, vc, Dv, true, S, Ds);
+        if (!ro.empty())  // the output rows land (in reverse order when reading backwards), added or written
+          for (int64_t t = 0; t < n; ++t) {
+            T* dst = out + (bh * L + (reverse ? r0 + n - 1 - t : c0 + t)) * Dv;
+            const T* src = ro.data() + t * Dv;
+            if (accumulate)
+              for (int64_t x = 0; x < Dv; ++x) dst[x] += src[x];
+            else
+              std::copy(src, src + Dv, dst);
+          }
       }
     }
     attnlab::gemm_done();
@@ -229,10 +259,14 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
 // (B, H, F, Dv + 1) whose last column is the normalizer's (the sum of the keys), returns
 // num / (den + eps); with `centre` (B, H, Dv), the sum of the values before this segment (count0
 // tokens), InLine's centred output instead. The state and `centre` are updated in place.
+// reverse: the sequence read backwards (as if q, k, v and the gates were flipped along L, the output
+// flipped back): the anti-causal half of a bidirectional form; strict: the diagonal (a token with
+// itself) left out of the intra-chunk products; add_to: the output added into this tensor (returned).
 torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor state,
                             c10::optional<torch::Tensor> log_decay, c10::optional<torch::Tensor> log_gates,
                             int64_t chunk, c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,
-                            double q_scale, c10::optional<torch::Tensor> centre, double centre_scale, int64_t count0) {
+                            double q_scale, c10::optional<torch::Tensor> centre, double centre_scale, int64_t count0,
+                            bool reverse, bool strict, c10::optional<torch::Tensor> add_to) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4, "q, k must be (B, H, L, F), v (B, H, L, Dv)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
                   q.scalar_type() == state.scalar_type(), "q, k, v, state dtypes differ");
@@ -255,7 +289,13 @@ torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
   }
   TORCH_CHECK(state.size(0) == B && state.size(1) == H && state.size(2) == F && state.size(3) == Dv + normalize,
               normalize ? "state must be (B, H, F, Dv + 1)" : "state must be (B, H, F, Dv)");
-  auto out = torch::empty({B, H, L, Dv}, q.options());
+  const bool accumulate = add_to.has_value() && add_to->defined();
+  TORCH_CHECK(!(reverse || accumulate) || !normalize, "reverse and add_to take the raw form (no normalizer, no centre)");
+  if (accumulate)
+    TORCH_CHECK(add_to->is_contiguous() && add_to->scalar_type() == q.scalar_type() && add_to->dim() == 4 &&
+                    add_to->size(0) == B && add_to->size(1) == H && add_to->size(2) == L && add_to->size(3) == Dv,
+                "add_to must be a contiguous (B, H, L, Dv) tensor of q's dtype");
+  auto out = accumulate ? *add_to : torch::empty({B, H, L, Dv}, q.options());
   torch::Tensor lam, gates;
   if (log_decay.has_value() && log_decay->defined()) {
     lam = log_decay->to(q.scalar_type()).contiguous();
@@ -273,7 +313,7 @@ torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
                      state.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B * H, H, L, Din, F, Dv, chunk, normalize,
                      static_cast<scalar_t>(normalize_eps.value_or(0.0)), static_cast<int>(feature), taylor_dim,
                      static_cast<scalar_t>(q_scale), centred ? centre->data_ptr<scalar_t>() : nullptr,
-                     static_cast<scalar_t>(centre_scale), count0);
+                     static_cast<scalar_t>(centre_scale), count0, reverse, strict, accumulate);
   });
   return out;
 }

@@ -15,7 +15,8 @@ std::vector<torch::Tensor> box_attention(torch::Tensor q, torch::Tensor k, torch
 torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor state,
                             c10::optional<torch::Tensor> log_decay, c10::optional<torch::Tensor> log_gates,
                             int64_t chunk, c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,
-                            double q_scale, c10::optional<torch::Tensor> centre, double centre_scale, int64_t count0);
+                            double q_scale, c10::optional<torch::Tensor> centre, double centre_scale, int64_t count0,
+                            bool reverse, bool strict, c10::optional<torch::Tensor> add_to);
 
 torch::Tensor memory_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<torch::Tensor> ws,
                             std::vector<torch::Tensor> g, torch::Tensor keep_w, torch::Tensor keep_s,

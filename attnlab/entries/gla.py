@@ -120,6 +120,9 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
     C = call.params["chunk_size"]
     if not call.causal:
         fq, fk, vv, g, gb = _prep(call, q, k, v)
+        fast = K.bidirectional(fq, fk, vv, chunk=C, log_gates=(g, gb), q_scale=0.5)  # ViG's ½ (fwd + bwd)
+        if fast is not None:
+            return fast.to(v.dtype), None
         S0 = _init(call, q.shape[0], q.shape[1], q.dtype, q.device)["S"]
         form = lambda a, b, c, gg: K.chunked(a, b, c, S0, chunk=C, log_gates=gg)[0]  # noqa: E731
         return _bidirectional(form, fq, fk, vv, g, gb).to(v.dtype), None
