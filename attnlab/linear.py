@@ -50,7 +50,10 @@ def feature_map(name: str, x: torch.Tensor, feature_dim: int = 0) -> torch.Tenso
     """``φ(x)`` for the maps of :data:`FEATURES`: identity, elu+1 (Linear Transformer), relu, and
     ``taylor``: BASED's 2nd-order Taylor map of the first ``feature_dim`` channels ``x'``,
     ``φ(x) = [1, x'/d'^¼, vec(x' ⊗ x')/(√2 √d')]`` (``1 + d' + d'²`` features), so that
-    ``φ(q)·φ(k) = 1 + s + s²/2`` with ``s = q'·k'/√d'``."""
+    ``φ(q)·φ(k) = 1 + s + s²/2`` with ``s = q'·k'/√d'``. elu+1 and Taylor in one vectorized pass on the
+    C++ kernels where they serve (``torch``'s elu is several passes and slow on CPU)."""
+    if name in ("elu+1", "taylor") and _native.serves(x):
+        return _native.map_features(x, name, feature_dim)
     if name == "elu+1":
         return torch.nn.functional.elu(x).add_(1)  # in place on elu's fresh output (its backward reads x)
     if name == "relu":
@@ -315,6 +318,17 @@ def bidirectional(fq, fk, v, *, chunk: int, log_decay=None, log_gates=None, q_sc
                                  strict=strict, add_to=out)
 
 
+def noncausal_fused(q, k, v, *, chunk: int = 64, feature: str = "identity", q_scale: float = 1.0,
+                    normalize_eps: Optional[float] = None, feature_dim: int = 0, rala_scale: float = 0.0):
+    """:func:`noncausal` without decay on the C++ kernel (:func:`attnlab.native.linear_noncausal`): the
+    feature map applied there chunk by chunk (times ``q_scale`` on the queries; with ``rala_scale`` RALA's
+    key weights), the state then the read-out, normalized with ``normalize_eps`` (``num / (den + eps)``,
+    no ones column appended). None when the kernel does not serve the call."""
+    if not _native.serves(q, k, v) or q.dtype != k.dtype or q.dtype != v.dtype:
+        return None
+    return _native.linear_noncausal(q, k, v, chunk, normalize_eps, feature, q_scale, feature_dim, rala_scale)
+
+
 def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int = 64) -> torch.Tensor:
     """Every key visible. No decay: ``φq (Σ_j φk_jᵀ v_j)`` (cross attention too). Per-head decay:
     the bidirectional sum of a forward and a backward causal scan minus the double-counted diagonal
@@ -344,5 +358,5 @@ def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int 
 
 
 __all__ = ["ELEMENTWISE", "EXP_RANGE", "FEATURES", "bidirectional", "chunked", "chunked_centred", "chunked_normalized", "feature_map",
-           "finish", "finish_centred", "fused", "noncausal", "parallel", "scan_recurrent", "step", "weights",
+           "finish", "finish_centred", "fused", "noncausal", "noncausal_fused", "parallel", "scan_recurrent", "step", "weights",
            "with_ones"]

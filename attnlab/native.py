@@ -13,6 +13,7 @@ tested against it):
                      one gate per token or GLA's per-channel gates; the normalizer or InLine's
                      centred finish), walking the chunks of each (batch, head) with the state in
                      cache and applying elementwise or Taylor feature maps chunk by chunk.
+``linear_noncausal`` the non-causal form without decay: the keys' state, then the queries' read-out.
 ``rat_chunks``       RAT's causal chunked form: each (batch, head) scans its tokens' gated summaries
                      and attends to the finished chunks' finals and its own summary in one pass.
 ``agent_chunks``     agent attention's causal chunked form: per (batch, head) the agents' softmax
@@ -272,6 +273,23 @@ def agent_chunks(q, k, v, agents, r, Z, U, scale: float, chunk: int):
     ``Z = 0``: empty). Returns ``(out, ok)``; ``ok`` is False when a prefix's normalizer left the dtype's
     safe range (or a logit is NaN): ``out`` and the state are then incomplete."""
     return module().agent_chunks(q, k, v, agents, r, Z, U, float(scale), int(chunk))
+
+
+def map_features(x: torch.Tensor, feature: str, feature_dim: int = 0) -> torch.Tensor:
+    """``φ(x)`` over the last axis as the linear kernels apply it (one vectorized pass)."""
+    return module().map_features(x, LINEAR_FEATURES.index(feature), int(feature_dim))
+
+
+def linear_noncausal(q, k, v, chunk: int, normalize_eps: Optional[float] = None, feature: str = "identity",
+                     q_scale: float = 1.0, feature_dim: int = 0, rala_scale: float = 0.0) -> torch.Tensor:
+    """Non-causal linear attention without decay (see :func:`attnlab.linear.noncausal`; cross attention
+    too): ``φ(q) · q_scale`` against ``φ(k)`` (with ``rala_scale > 0`` each key weighted by RALA's
+    ``softmax_j(rala_scale · q̄·φ(k_j))``, :mod:`attnlab.entries.rala`),
+    ``φ`` one of :data:`LINEAR_FEATURES` applied chunk by chunk; the raw output, or with
+    ``normalize_eps`` ``num / (den + eps)``."""
+    eps = None if normalize_eps is None else float(normalize_eps)
+    return module().linear_noncausal(q, k, v, int(chunk), eps, LINEAR_FEATURES.index(feature),
+                                     int(feature_dim), float(q_scale), float(rala_scale))
 
 
 def main() -> int:

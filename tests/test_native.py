@@ -315,3 +315,27 @@ def test_linear_chunks_read_backwards_equal_the_flipped_causal_form(dtype, tol, 
     base = torch.randn(2, 3, 75, 6, dtype=dtype)
     added = native.linear_chunks(q, k, v, zero(), lam, 16, g, reverse=True, strict=True, add_to=base.clone())
     torch.testing.assert_close(added, base + want - diag, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("feature", K.FEATURES)
+@pytest.mark.parametrize("mode", ["raw", "normalized", "rala"])
+def test_linear_noncausal_equals_the_pytorch_form(dtype, tol, feature, mode):
+    """The non-causal kernel (cross lengths, a remainder chunk) against mapping in PyTorch and the two GEMMs
+    of :func:`attnlab.linear.noncausal`; RALA's weights (softmax over the keys of q̄·φ(k), q̄ the mean query
+    feature) against their definition; the feature maps alone (NaN kept)."""
+    q, k, v = _qkv(2, 3, 3, 70, 150, 8, 6, dtype, seed=8)
+    fq, fk = (K.feature_map(feature, x.clone().requires_grad_(), 4).detach() for x in (q, k))  # PyTorch maps
+    weights = torch.ones(fk.shape[:3], dtype=dtype)
+    if mode == "rala":
+        weights = torch.softmax(0.3 * (fq.mean(2, keepdim=True) @ fk.transpose(-1, -2))[:, :, 0], -1)
+    num = (0.5 * fq) @ ((fk * weights[..., None]).transpose(-1, -2) @ v)
+    den = (0.5 * fq) @ (fk * weights[..., None]).sum(2)[..., None]
+    want = num if mode == "raw" else num / (den + 1e-3)
+    got = native.linear_noncausal(q, k, v, 16, None if mode == "raw" else 1e-3, feature, 0.5, 4,
+                                  0.3 if mode == "rala" else 0.0)  # RALA's q̄ is the mean of φ(q), before q_scale
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    x = q.clone()
+    x[0, 1, 3, 2] = float("nan")
+    torch.testing.assert_close(native.map_features(x, feature, 4), K.feature_map(feature, x.requires_grad_(), 4).detach(),
+                               atol=tol, rtol=tol, equal_nan=True)

@@ -36,6 +36,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -250,7 +251,131 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
   });
 }
 
+// Non-causal, no decay: S = sum over the key chunks of phi(K_c)^T [V_c, 1], then O_c = phi(Q_c) S per query chunk, divided by the normalizer column.
+// RALA (rala_scale > 0): the weights are a_j = softmax_j(rala_scale qbar . phi(k_j)), qbar = the mean of
+// phi(q_i), from a first pass over the queries; the softmax runs online (S and its sum Z rescaled
+// when the maximum grows) and its division is folded into the normalizer: num / (den + eps Z).
+template <typename T>
+void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t Lq, int64_t Lk,
+               int64_t Din, int64_t F, int64_t Dv, int64_t C, bool normalize, T eps, int feature, int64_t taylor_dim,
+               T q_scale, T rala_scale) {
+  const int64_t Ds = Dv + (normalize ? 1 : 0);
+  const bool rala = rala_scale > 0;
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<T> S(F * Ds), mapped(C * F), kt(F * C), qbar(F), logit(C);
+    for (int64_t bh = begin; bh < stop; ++bh) {
+      std::fill(S.begin(), S.end(), T(0));
+      T M = 0, Z = 0;  // RALA: the logits' running maximum and the sum of exp(logit - M) (empty: Z = 0)
+      if (rala) {
+        std::fill(qbar.begin(), qbar.end(), T(0));
+        for (int64_t c0 = 0; c0 < Lq; c0 += C) {
+          const int64_t n = std::min(C, Lq - c0);
+          feature_map(q + (bh * Lq + c0) * Din, n, Din, F, feature, taylor_dim, rala_scale / T(Lq), mapped.data());
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t f = 0; f < F; ++f) qbar[f] += mapped[t * F + f];
+        }
+      }
+      for (int64_t c0 = 0; c0 < Lk; c0 += C) {
+        const int64_t n = std::min(C, Lk - c0);
+        feature_map(k + (bh * Lk + c0) * Din, n, Din, F, feature, taylor_dim, T(1), mapped.data());
+        if (rala) {
+          T mx = -std::numeric_limits<T>::max();
+          for (int64_t t = 0; t < n; ++t) {
+            T l = 0;
+            for (int64_t f = 0; f < F; ++f) l += qbar[f] * mapped[t * F + f];
+            logit[t] = l;
+            mx = std::max(mx, l);
+          }
+          const T M1 = Z > T(0) ? std::max(M, mx) : mx, across = Z > T(0) ? std::exp(M - M1) : T(0);
+          if (across != T(1)) {
+            for (auto& x : S) x *= across;
+            Z *= across;
+          }
+          M = M1;
+          for (int64_t t = 0; t < n; ++t) {
+            const T w = std::exp(logit[t] - M);
+            Z += w;
+            for (int64_t f = 0; f < F; ++f) mapped[t * F + f] *= w;
+          }
+        }
+        attnlab::transpose(mapped.data(), n, F, kt.data(), n);
+        attnlab::gemm(F, Dv, n, kt.data(), n, v + (bh * Lk + c0) * Dv, Dv, true, S.data(), Ds);
+        if (normalize)
+          for (int64_t f = 0; f < F; ++f) {
+            T z = 0;
+            for (int64_t t = 0; t < n; ++t) z += kt[f * n + t];
+            S[f * Ds + Dv] += z;
+          }
+      }
+      for (int64_t c0 = 0; c0 < Lq; c0 += C) {
+        const int64_t n = std::min(C, Lq - c0);
+        feature_map(q + (bh * Lq + c0) * Din, n, Din, F, feature, taylor_dim, q_scale, mapped.data());
+        T* oc = out + (bh * Lq + c0) * Dv;
+        attnlab::gemm(n, Dv, F, mapped.data(), F, S.data(), Ds, false, oc, Dv);
+        if (normalize)
+          for (int64_t t = 0; t < n; ++t) {
+            T d = 0;
+            for (int64_t f = 0; f < F; ++f) d += mapped[t * F + f] * S[f * Ds + Dv];
+            const T inv = T(1) / (d + (rala ? eps * Z : eps));
+            for (int64_t x = 0; x < Dv; ++x) oc[t * Dv + x] *= inv;
+          }
+      }
+    }
+    attnlab::gemm_done();
+  });
+}
+
 }  // namespace
+
+// phi(x) of rows of Din channels (x: (..., Din) -> (..., F)), by `feature` as linear_chunks applies it.
+torch::Tensor map_features(torch::Tensor x, int64_t feature, int64_t taylor_dim) {
+  TORCH_CHECK(x.dim() >= 1 && feature >= 0 && feature <= 3, "x (..., Din); feature 0..3");
+  const int64_t Din = x.size(-1);
+  TORCH_CHECK(feature != 3 || (taylor_dim >= 1 && taylor_dim <= Din), "taylor_dim must be in 1..", Din);
+  const int64_t F = feature == 3 ? 1 + taylor_dim + taylor_dim * taylor_dim : Din, rows = x.numel() / std::max<int64_t>(Din, 1);
+  x = x.contiguous();
+  auto sizes = x.sizes().vec();
+  sizes.back() = F;
+  auto out = torch::empty(sizes, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "map_features", [&] {
+    using T = scalar_t;
+    const T* src = x.data_ptr<T>();
+    T* dst = out.data_ptr<T>();
+    at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t stop) {
+      feature_map(src + begin * Din, stop - begin, Din, F, static_cast<int>(feature), taylor_dim, T(1), dst + begin * F);
+    });
+  });
+  return out;
+}
+
+// Non-causal linear attention without decay (cross attention too): q (B, H, Lq, Din), k (B, H, Lk, Din)
+// mapped by `feature` (q also times q_scale), v (B, H, Lk, Dv); with rala_scale > 0 each key weighted by
+// RALA's softmax computed here. Returns the raw output, or with normalize_eps num / (den + eps).
+torch::Tensor linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t chunk,
+                               c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,
+                               double q_scale, double rala_scale) {
+  TORCH_CHECK(rala_scale <= 0 || normalize_eps.has_value(), "RALA's weights need the normalizer");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k (B, H, L, Din), v (B, H, Lk, Dv)");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "q, k, v dtypes differ");
+  TORCH_CHECK(chunk > 0 && feature >= 0 && feature <= 3, "bad chunk or feature");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Din = q.size(3), Lk = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Din && v.size(0) == B && v.size(1) == H &&
+                  v.size(2) == Lk, "k, v shapes do not match q");
+  TORCH_CHECK(feature != 3 || (taylor_dim >= 1 && taylor_dim <= Din), "taylor_dim must be in 1..", Din);
+  const int64_t F = feature == 3 ? 1 + taylor_dim + taylor_dim * taylor_dim : Din;
+  q = q.contiguous();
+  k = k.contiguous();
+  v = v.contiguous();
+  auto out = torch::empty({B, H, Lq, Dv}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "linear_noncausal", [&] {
+    using T = scalar_t;
+    noncausal<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(), B * H, Lq, Lk, Din, F, Dv, chunk, normalize_eps.has_value(),
+                 static_cast<T>(normalize_eps.value_or(0.0)), static_cast<int>(feature), taylor_dim,
+                 static_cast<T>(q_scale), static_cast<T>(rala_scale));
+  });
+  return out;
+}
 
 // q, k: (B, H, L, Din), mapped by `feature` to F features (and q times q_scale) chunk by chunk;
 // v: (B, H, L, Dv);

@@ -35,6 +35,12 @@ std::tuple<torch::Tensor, bool> agent_chunks(torch::Tensor q, torch::Tensor k, t
                                              torch::Tensor r, torch::Tensor Z, torch::Tensor U, double scale,
                                              int64_t chunk);
 
+torch::Tensor linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t chunk,
+                               c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,
+                               double q_scale, double rala_scale);
+
+torch::Tensor map_features(torch::Tensor x, int64_t feature, int64_t taylor_dim);
+
 extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
                        const double*, const int*, const double*, const int*, const double*, double*, const int*);
 

@@ -37,7 +37,6 @@ then every query reads ``φ(q_i) S / Z = Σ_j α_j φ(q_i)·φ(k_j) [v_j, 1]``. 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import linear as K
 from ..catalogue import Call, Mechanism, Param, register
@@ -49,7 +48,7 @@ EPS = Param("eps", "float", 1e-6, "added to the normalizer Σ_j α_j φ(q_i)·φ
 
 def _mapped(q, k):
     dt = compute_dtype(q.dtype)
-    return F.elu(q.to(dt)) + 1, F.elu(k.to(dt)) + 1
+    return K.feature_map("elu+1", q.to(dt)), K.feature_map("elu+1", k.to(dt))
 
 
 def _logits(call: Call, fq, fk):
@@ -66,6 +65,11 @@ def _parallel(call: Call, q, k, v):
 
 
 def _chunked(call: Call, q, k, v, state):
+    dt = compute_dtype(q.dtype)  # on the C++ kernel: q̄, the weights (an online softmax) and the maps fused
+    fast = K.noncausal_fused(q.to(dt), k.to(dt), v.to(dt), feature="elu+1", normalize_eps=call.params["eps"],
+                             rala_scale=call.scale)
+    if fast is not None:
+        return fast.to(v.dtype), None
     fq, fk = _mapped(q, k)
     alpha = torch.softmax(_logits(call, fq, fk), dim=-1)
     raw = K.noncausal(fq, fk * alpha[..., None], K.with_ones(v.to(fq.dtype), True))
