@@ -15,9 +15,11 @@ tested against it):
                      cache and applying elementwise or Taylor feature maps chunk by chunk.
 ``linear_noncausal`` the non-causal form without decay: the keys' state, then the queries' read-out.
 ``rat_chunks``       RAT's causal chunked form: each (batch, head) scans its tokens' gated summaries
-                     and attends to the finished chunks' finals and its own summary in one pass.
+                     and attends to the finished chunks' finals and its own summary in one pass
+                     (``rat_finals``: the chunks' final summaries alone, for the non-causal form).
 ``agent_chunks``     agent attention's causal chunked form: per (batch, head) the agents' softmax
-                     state walks the chunks, the logits never written out.
+                     state walks the chunks, the logits never written out (``agent_noncausal``:
+                     all keys into that state, then the queries' read-out).
 ``aaren_scan``       Aaren's outputs for one query, each (batch, head) walking its keys once as
                      the RNN with its (max, sum, weighted sum) state.
 ``memory_chunks``    the chunked form of Titans' neural memory (:mod:`attnlab.memory`): each
@@ -248,6 +250,12 @@ def memory_chunks(q, k, v, ws: list, g: list, coefficients, chunk: int, pos0: in
     return module().memory_chunks(q, k, v, ws, g, *co, int(chunk), int(pos0), ACTIVATIONS.index(activation))
 
 
+def rat_finals(k, v, gk, gv, chunk: int):
+    """RAT's final summary of every chunk (the last may be shorter), gates as :func:`rat_chunks`':
+    ``(finals_k, finals_v)``, one (batch, head, chunk) per work item."""
+    return tuple(module().rat_finals(k, v, gk, gv, int(chunk)))
+
+
 def rat_chunks(q, k, v, gk, gv, past_k, past_v, carry_k, carry_v, chunk: int, pos0: int, scale: float):
     """RAT's causal chunked form over one segment (see :mod:`attnlab.entries.rat`): gates ``gk``
     ``(B, H, L, 1|D)``, ``gv`` ``(B, H, L, 1|Dv)``; ``past_k``/``past_v`` the finished chunks' final
@@ -257,6 +265,12 @@ def rat_chunks(q, k, v, gk, gv, past_k, past_v, carry_k, carry_v, chunk: int, po
     summary after its last token."""
     return tuple(module().rat_chunks(q, k, v, gk, gv, past_k, past_v, carry_k, carry_v, int(chunk), int(pos0),
                                      float(scale)))
+
+
+def agent_noncausal(q, k, v, agents, scale: float, chunk: int) -> torch.Tensor:
+    """Non-causal agent attention (cross lengths too): the agents' softmax over all keys (online, chunk
+    by chunk), then each query's softmax over the agents; ``agents`` ``(B, H, n, D)``."""
+    return module().agent_noncausal(q, k, v, agents, float(scale), int(chunk))
 
 
 def aaren_scan(query, k, v, m, u, w, scale: float, causal: bool) -> torch.Tensor:

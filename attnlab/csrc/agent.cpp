@@ -92,7 +92,84 @@ bool walk(const T* q, const T* k, const T* v, const T* agents, T* r, T* Z, T* U,
   return ok;
 }
 
+// Non-causal: every key into the agents' softmax state (the same online rescaling, chunk by chunk), then
+// V_A = U / Z and each query chunk's softmax over the agents times V_A.
+template <typename T>
+void noncausal(const T* q, const T* k, const T* v, const T* agents, T* out, int64_t BH, int64_t Lq, int64_t Lk,
+               int64_t D, int64_t Dv, int64_t n, int64_t C, T scale) {
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<T> At(D * n), s(C * n), wt(n * C), r(n), Z(n), U(n * Dv);
+    for (int64_t bh = begin; bh < stop; ++bh) {
+      const T* a = agents + bh * n * D;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t d = 0; d < D; ++d) At[d * n + i] = scale * a[i * D + d];
+      std::fill(Z.begin(), Z.end(), T(0));
+      std::fill(U.begin(), U.end(), T(0));
+      for (int64_t c0 = 0; c0 < Lk; c0 += C) {
+        const int64_t m = std::min(C, Lk - c0);
+        attnlab::gemm(m, n, D, k + (bh * Lk + c0) * D, D, At.data(), n, false, s.data(), n);
+        for (int64_t i = 0; i < n; ++i) {
+          T mx = s[i];
+          for (int64_t t = 1; t < m; ++t) mx = std::max(mx, s[t * n + i]);
+          const T r1 = c0 ? std::max(r[i], mx) : mx, across = c0 ? std::exp(r[i] - r1) : T(0);
+          r[i] = r1;
+          Z[i] *= across;
+          for (int64_t d = 0; d < Dv; ++d) U[i * Dv + d] *= across;
+          for (int64_t t = 0; t < m; ++t) wt[i * m + t] = s[t * n + i] - r1;
+        }
+        for (int64_t x = 0; x < n * m; ++x) wt[x] = std::exp(wt[x]);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t t = 0; t < m; ++t) Z[i] += wt[i * m + t];
+        attnlab::gemm(n, Dv, m, wt.data(), m, v + (bh * Lk + c0) * Dv, Dv, true, U.data(), Dv);
+      }
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t d = 0; d < Dv; ++d) U[i * Dv + d] /= Z[i];  // V_A
+      for (int64_t c0 = 0; c0 < Lq; c0 += C) {
+        const int64_t m = std::min(C, Lq - c0);
+        attnlab::gemm(m, n, D, q + (bh * Lq + c0) * D, D, At.data(), n, false, s.data(), n);
+        for (int64_t t = 0; t < m; ++t) {
+          T* row = s.data() + t * n;
+          T mx = row[0];
+          for (int64_t i = 1; i < n; ++i) mx = std::max(mx, row[i]);
+          T sum = 0;
+          for (int64_t i = 0; i < n; ++i) sum += (row[i] = std::exp(row[i] - mx));
+          for (int64_t i = 0; i < n; ++i) row[i] /= sum;
+        }
+        attnlab::gemm(m, Dv, n, s.data(), n, U.data(), Dv, false, out + (bh * Lq + c0) * Dv, Dv);
+      }
+    }
+    attnlab::gemm_done();
+  });
+}
+
 }  // namespace
+
+// Non-causal agent attention (cross lengths too): q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv),
+// agents (B, H, n, D). Returns (B, H, Lq, Dv).
+torch::Tensor agent_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor agents, double scale,
+                              int64_t chunk) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && agents.dim() == 4,
+              "q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv), agents (B, H, n, D)");
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  const auto dt = q.scalar_type();
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Dv = v.size(3),
+                n = agents.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(0) == B && v.size(1) == H &&
+                  v.size(2) == Lk && agents.size(0) == B && agents.size(1) == H && agents.size(3) == D && n > 0 &&
+                  Lk > 0, "k, v or agents do not match q");
+  for (const auto* x : {&k, &v, &agents}) TORCH_CHECK(x->scalar_type() == dt, "dtypes differ");
+  q = q.contiguous();
+  k = k.contiguous();
+  v = v.contiguous();
+  agents = agents.contiguous();
+  auto out = torch::empty({B, H, Lq, Dv}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "agent_noncausal", [&] {
+    using T = scalar_t;
+    noncausal<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), agents.data_ptr<T>(), out.data_ptr<T>(), B * H, Lq,
+                 Lk, D, Dv, n, chunk, static_cast<T>(scale));
+  });
+  return out;
+}
 
 // q, k: (B, H, L, D); v: (B, H, L, Dv); agents: (B, H, n, D); the state r, Z: (B, H, n), U: (B, H, n, Dv),
 // contiguous, updated in place (an empty state has Z = 0). Returns (out (B, H, L, Dv), ok): ok is false

@@ -8,6 +8,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("map_features", &map_features, "the linear kernels' feature maps as one pass (CPU)");
   m.def("memory_chunks", &memory_chunks, "Titans' neural memory, chunked form (CPU forward)");
   m.def("agent_chunks", &agent_chunks, "agent attention's causal chunked form (CPU forward)");
+  m.def("agent_noncausal", &agent_noncausal, "non-causal agent attention (CPU forward)");
   m.def("aaren_scan", &aaren_scan, "Aaren's prefix outputs of one query, as an RNN (CPU forward)");
+  m.def("rat_finals", &rat_finals, "RAT's chunk final summaries (CPU forward)");
   m.def("rat_chunks", &rat_chunks, "RAT's causal chunked form (CPU forward)");
 }

@@ -41,6 +41,12 @@ torch::Tensor linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v
 
 torch::Tensor map_features(torch::Tensor x, int64_t feature, int64_t taylor_dim);
 
+torch::Tensor agent_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor agents, double scale,
+                              int64_t chunk);
+
+std::vector<torch::Tensor> rat_finals(torch::Tensor k, torch::Tensor v, torch::Tensor gk, torch::Tensor gv,
+                                      int64_t chunk);
+
 extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
                        const double*, const int*, const double*, const int*, const double*, double*, const int*);
 

@@ -122,6 +122,46 @@ void walk(const T* q, const T* k, const T* v, const T* gk, int64_t gk_cols, cons
 
 }  // namespace
 
+// The final summary of every chunk (the last one may be shorter): k (B, H, L, D), v (B, H, L, Dv), gates as
+// rat_chunks'. Returns (finals_k (B, H, ceil(L / C), D), finals_v (B, H, ceil(L / C), Dv)).
+std::vector<torch::Tensor> rat_finals(torch::Tensor k, torch::Tensor v, torch::Tensor gk, torch::Tensor gv,
+                                      int64_t chunk) {
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && gk.dim() == 4 && gv.dim() == 4 && chunk > 0, "bad shapes or chunk");
+  const int64_t B = k.size(0), H = k.size(1), L = k.size(2), D = k.size(3), Dv = v.size(3);
+  TORCH_CHECK(L > 0 && v.size(0) == B && v.size(1) == H && v.size(2) == L, "v must be (B, H, L, Dv)");
+  TORCH_CHECK(gk.size(0) == B && gk.size(1) == H && gk.size(2) == L && (gk.size(3) == 1 || gk.size(3) == D) &&
+                  gv.size(0) == B && gv.size(1) == H && gv.size(2) == L && (gv.size(3) == 1 || gv.size(3) == Dv),
+              "gk (B, H, L, 1 | D), gv (B, H, L, 1 | Dv)");
+  for (const auto* x : {&v, &gk, &gv}) TORCH_CHECK(x->scalar_type() == k.scalar_type(), "dtypes differ");
+  k = k.contiguous();
+  v = v.contiguous();
+  gk = gk.contiguous();
+  gv = gv.contiguous();
+  const int64_t n = (L + chunk - 1) / chunk;
+  auto fk = torch::empty({B, H, n, D}, k.options());
+  auto fv = torch::empty({B, H, n, Dv}, k.options());
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "rat_finals", [&] {
+    using T = scalar_t;
+    const T *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *gkp = gk.data_ptr<T>(), *gvp = gv.data_ptr<T>();
+    T *fkp = fk.data_ptr<T>(), *fvp = fv.data_ptr<T>();
+    const int64_t ck = gk.size(3), cv = gv.size(3);
+    at::parallel_for(0, B * H * n, 1, [&](int64_t begin, int64_t stop) {
+      const std::vector<T> zeros(std::max(D, Dv));
+      for (int64_t item = begin; item < stop; ++item) {  // one chunk of one (batch, head)
+        const int64_t bh = item / n, c0 = (item % n) * chunk, e = std::min(L, c0 + chunk);
+        T* ok = fkp + item * D;
+        T* ov = fvp + item * Dv;
+        for (int64_t t = c0; t < e; ++t) {
+          const int64_t row = bh * L + t;
+          recur(t == c0 ? zeros.data() : ok, kp + row * D, gkp + row * ck, ck > 1, ok, D);
+          recur(t == c0 ? zeros.data() : ov, vp + row * Dv, gvp + row * cv, cv > 1, ov, Dv);
+        }
+      }
+    });
+  });
+  return {fk, fv};
+}
+
 // q, k: (B, H, L, D); v: (B, H, L, Dv); gk: (B, H, L, 1 | D), gv: (B, H, L, 1 | Dv) forget gates;
 // past_k: (B, H, P, D), past_v: (B, H, P, Dv) the finished chunks' final summaries before the segment,
 // whose first token sits at absolute position pos0; carry_k (B, H, D), carry_v (B, H, Dv) the running

@@ -193,6 +193,10 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
     k, v, qq = k.to(dt), v.to(dt), q.to(dt)
     if not call.causal:
         L = k.shape[2]
+        if _native.serves(qq, k, v, gk, gv):  # the finals by the recurrence itself, then SDPA over them
+            fk, fv = _native.rat_finals(k, v, *_kernel_gates(k, gk, gv), C)
+            out = torch.nn.functional.scaled_dot_product_attention(qq, fk, fv, scale=call.scale)
+            return out.to(q.dtype), None
         fk, fv = (_finals(scan_summaries(x, g, C), L, C) for x, g in ((k, gk), (v, gv)))
         return R.attention(qq, fk, fv, scale=call.scale).to(q.dtype), None
     state = state if state is not None else _init(call, q.shape[0], q.shape[1], q.dtype, q.device)
@@ -218,17 +222,22 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
     return out.to(q.dtype), new
 
 
+def _kernel_gates(k, gk, gv):
+    """The gates as the C++ kernels read them: ``(B, H, L, 1 | F)`` views (a constant as one per token)."""
+    B, H, L = k.shape[:3]
+    return tuple((g.reshape(1, 1, 1, 1) if g.dim() == 0 else g).expand(B, H, L, -1) for g in (gk, gv))
+
+
 def _native_chunked(call: Call, q, k, v, gk, gv, state: State):
     """The causal chunked form on the C++ kernel (:func:`attnlab.native.rat_chunks`): one pass per
     (batch, head), the summaries scanned and attended block by block."""
-    B, H, L, _ = q.shape
+    L = q.shape[2]
     C, p0 = call.params["chunk"], state.length
     past_k, past_v = state["keys"], state["values"]
     if p0 % C == 0 and p0 > 0:  # the state's current chunk is complete
         past_k = torch.cat([past_k, state["key"][:, :, None]], 2)
         past_v = torch.cat([past_v, state["value"][:, :, None]], 2)
-    gates = [g.reshape(1, 1, 1, 1) if g.dim() == 0 else g for g in (gk, gv)]
-    gk, gv = (g.expand(B, H, L, g.shape[-1]) for g in gates)
+    gk, gv = _kernel_gates(k, gk, gv)
     out, fin_k, fin_v, key, value = _native.rat_chunks(q, k, v, gk, gv, past_k, past_v, state["key"], state["value"],
                                                        C, p0, call.scale)
     kept = past_k.shape[2] + (p0 % C + L - 1) // C  # finished before the segment's last token

@@ -153,6 +153,25 @@ def test_causal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, to
         torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
 
 
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("Lq,given", [(150, False), (70, True)])
+def test_noncausal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, Lq, given):
+    """Non-causal (cross lengths too, pooled or given agents, logits spread wide): the C++ kernel equals the
+    PyTorch path (q requiring grad) and the definition; a NaN key makes every row NaN on both paths."""
+    m = attnlab.mechanism("agent")
+    q, k, v = (t.to(dtype) for t in qkv(B=2, H=3, L=150, D=8, Dv=6, Lq=Lq, seed=9))
+    k = 4 * k
+    params = {"chunk_size": 16, **({"agents": rnd(1, 3, 5, 8, seed=2).to(dtype)} if given else {})}
+    fast = m(q, k, v, causal=False, **params)
+    torch.testing.assert_close(fast, m(q.clone().requires_grad_(), k, v, causal=False, **params).detach(), atol=tol,
+                               rtol=tol)
+    torch.testing.assert_close(fast, m(q, k, v, causal=False, impl="parallel", **params), atol=tol, rtol=tol)
+    k[1, 0, 40, 2] = float("nan")
+    assert m(q, k, v, causal=False, **params)[1, 0].isnan().all()
+    assert m(q.clone().requires_grad_(), k, v, causal=False, **params)[1, 0].isnan().all()
+
+
 def test_per_channel_agents_gradients_and_state():
     """Agents with a value per channel (the conformance examples use D=1): gradients of every form w.r.t. q, k, v
     and the agents equal the parallel form's; gradcheck of the chunked form; segments and steps continue the

@@ -154,6 +154,29 @@ def test_state_holds_one_summary_per_finished_chunk():
         assert state.floats == m.state_size(2, 4, 3, length=n, chunk=6) == 2 * math.ceil(n / 6) * (4 + 3)
 
 
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("chunk,gates,Lq", [(16, None, 150), (7, "key+value", 70), (5, "per-head", 150), (200, None, 70)])
+def test_noncausal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, chunk, gates, Lq):
+    """Non-causal (cross lengths too): the chunks' finals by the C++ recurrence, then attention over them, equal
+    the PyTorch path and the definition; a NaN key makes every row of its head NaN on both paths."""
+    g = torch.Generator().manual_seed(11)
+    B, H, L, D, Dv = 2, 3, 150, 8, 6
+    q = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64).to(dtype)
+    k, v = (torch.randn(B, H, L, d, generator=g, dtype=torch.float64).to(dtype) for d in (D, Dv))
+    params = {"chunk": chunk}
+    if gates is not None:
+        shape = (1, H, L, 1) if gates == "per-head" else (B, H, L, D + Dv)
+        params["gates"] = torch.rand(*shape, generator=g, dtype=torch.float64).to(dtype)
+    fast = M(q, k, v, causal=False, **params)
+    torch.testing.assert_close(fast, M(q.clone().requires_grad_(), k, v, causal=False, **params).detach(), atol=tol,
+                               rtol=tol)
+    torch.testing.assert_close(fast, M(q, k, v, causal=False, impl="parallel", **params), atol=tol, rtol=tol)
+    k[1, 2, 60, 3] = float("nan")
+    assert M(q, k, v, causal=False, **params)[1, 2].isnan().all()
+    assert M(q.clone().requires_grad_(), k, v, causal=False, **params)[1, 2].isnan().all()
+
+
 def test_flops_count_visible_pairs():
     """The attention term of the FLOP count uses the pairs the definition makes visible (counted by the loop)."""
     m = attnlab.mechanism("rat")
