@@ -8,6 +8,7 @@ import torch
 
 import attnlab
 from attnlab import native
+from kernel_paths import pytorch_path, same_noncausal, same_segments, segments
 from attnlab.entries import aaren as A
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -108,28 +109,16 @@ def test_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, caus
     state); a NaN key makes the same outputs NaN on both paths."""
     _, q, k, v = (x.to(dtype) for x in inputs(B=2, H=3, Hkv=3, L=700, D=8, Dv=5))
     k = k * 6
-
-    def run(q, k):
-        if not causal:
-            return m(q, k, v, causal=False), None
-        state, outs = None, []
-        for a, b in ((0, 5), (5, 300), (300, 700)):
-            o, state = m.scan(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state)
-            outs.append(o)
-        return torch.cat(outs, 2), state
-
     m = attnlab.mechanism("aaren")
-    fast, fast_state = run(q, k)
-    slow, slow_state = run(q.clone().requires_grad_(), k)
-    torch.testing.assert_close(fast, slow.detach(), atol=tol, rtol=tol)
-    torch.testing.assert_close(fast, m(q, k, v, causal=causal, impl="parallel"), atol=tol, rtol=tol)
-    if causal:
-        for name in fast_state.tensors:
-            torch.testing.assert_close(fast_state[name], slow_state[name].detach(), atol=tol, rtol=tol)
+    if not causal:
+        same_noncausal(m, q, k, v, tol, (1, 2, 400, 3))
+        return
+    fast = same_segments(m, q, k, v, (0, 5, 300, 700), tol)
+    torch.testing.assert_close(fast, m(q, k, v, causal=True, impl="parallel"), atol=tol, rtol=tol)
     k[1, 2, 400, 3] = float("nan")
-    bad = run(q, k)[0]
-    assert torch.equal(bad.isnan(), run(q.clone().requires_grad_(), k)[0].isnan())
-    assert bad[1, 2, 400 if causal else 0:].isnan().all() and not bad[0].isnan().any()
+    bad = segments(m, q, k, v, (0, 5, 300, 700))[0]
+    assert torch.equal(bad.isnan(), segments(m, pytorch_path(q), k, v, (0, 5, 300, 700))[0].isnan())
+    assert bad[1, 2, 400:].isnan().all() and not bad[1, 2, :400].isnan().any() and not bad[0].isnan().any()
 
 
 def test_step_has_constant_state_and_equals_dense():

@@ -10,6 +10,7 @@ import torch
 import attnlab
 from attnlab import conformance as C
 from attnlab import native
+from kernel_paths import same_noncausal, same_segments
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -125,19 +126,7 @@ def test_causal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, to
     m = attnlab.mechanism("agent")
     q, k, v = (t.to(dtype) for t in qkv(B=2, H=3, L=150, D=8, Dv=6, seed=5))
     A = rnd(1, 3, 5, 8, seed=6).to(dtype)
-
-    def segments(q):
-        state, outs = None, []
-        for a, b in ((0, 5), (5, 77), (77, 150)):
-            o, state = m.scan(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state, agents=A, chunk_size=chunk)
-            outs.append(o)
-        return torch.cat(outs, 2), state
-
-    fast, fast_state = segments(q)
-    slow, slow_state = segments(q.clone().requires_grad_())
-    torch.testing.assert_close(fast, slow.detach(), atol=tol, rtol=tol)
-    for name in fast_state.tensors:
-        torch.testing.assert_close(fast_state[name], slow_state[name].detach(), atol=tol, rtol=tol)
+    same_segments(m, q, k, v, (0, 5, 77, 150), tol, agents=A, chunk_size=chunk)
     call = m.prepare(q, k, v, agents=A, causal=True, chunk_size=chunk)
     Ae = E.agent_tokens(call, q).contiguous()
     for bad in ("spread", "nan"):
@@ -163,13 +152,7 @@ def test_noncausal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype,
     q, k, v = (t.to(dtype) for t in qkv(B=2, H=3, L=150, D=8, Dv=6, Lq=Lq, seed=9))
     k = 4 * k
     params = {"chunk_size": 16, **({"agents": rnd(1, 3, 5, 8, seed=2).to(dtype)} if given else {})}
-    fast = m(q, k, v, causal=False, **params)
-    torch.testing.assert_close(fast, m(q.clone().requires_grad_(), k, v, causal=False, **params).detach(), atol=tol,
-                               rtol=tol)
-    torch.testing.assert_close(fast, m(q, k, v, causal=False, impl="parallel", **params), atol=tol, rtol=tol)
-    k[1, 0, 40, 2] = float("nan")
-    assert m(q, k, v, causal=False, **params)[1, 0].isnan().all()
-    assert m(q.clone().requires_grad_(), k, v, causal=False, **params)[1, 0].isnan().all()
+    same_noncausal(m, q, k, v, tol, (1, 0, 40, 2), **params)
 
 
 def test_per_channel_agents_gradients_and_state():

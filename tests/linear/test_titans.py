@@ -13,6 +13,7 @@ from torch.func import grad
 import attnlab
 from attnlab import memory as mem
 from attnlab import native
+from kernel_paths import pytorch_path, same_segments
 from attnlab.entries.titans import memory_as_context
 from attnlab.reference import attention
 
@@ -358,24 +359,9 @@ def test_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, para
                       eta_t=torch.rand(B, 1, L, generator=g, dtype=torch.float64).to(dtype),
                       alpha_t=0.3 * torch.rand(B, H, L, generator=g, dtype=torch.float64).to(dtype))
     q, k, v = (x.to(dtype) for x in qkv(B=B, H=H, L=L, D=8, Dv=6, seed=3))
-    cuts = [0, 3, 4, 11, 16, 30, L]
-
-    def segments(q):
-        state, outs = None, []
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            seg = {n: (x[:, :, a:b] if n.endswith("_t") else x) for n, x in params.items()}
-            o, state = M.scan(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state, **seg)
-            outs.append(o)
-        return torch.cat(outs, 2), state
-
-    fast, fast_state = segments(q)
-    slow, slow_state = segments(q.clone().requires_grad_())
-    torch.testing.assert_close(fast, slow.detach(), atol=tol, rtol=tol)
-    assert set(fast_state.tensors) == set(slow_state.tensors)
-    for name in fast_state.tensors:
-        torch.testing.assert_close(fast_state[name], slow_state[name].detach(), atol=tol, rtol=tol)
+    same_segments(M, q, k, v, (0, 3, 4, 11, 16, 30, L), tol, ("theta_t", "eta_t", "alpha_t"), **params)
     k[0, 1, 20, 2] = float("nan")  # spreads from its chunk's start on (0 · NaN in the masked products), both paths
     bad = M(q, k, v, causal=True, **params)
-    assert torch.equal(bad.isnan(), M(q.clone().requires_grad_(), k, v, causal=True, **params).isnan())
+    assert torch.equal(bad.isnan(), M(pytorch_path(q), k, v, causal=True, **params).isnan())
     start = 20 - 20 % params.get("chunk_size", 16)
     assert bad[0, 1, 20:].isnan().all() and not bad[0, 1, :start].isnan().any() and not bad[1].isnan().any()
