@@ -23,24 +23,9 @@
 #include <cmath>
 #include <vector>
 
-extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                       const int*, const float*, const int*, const float*, float*, const int*);
-
 namespace {
 
 using attnlab::LANES;
-
-// Row-major c (m x n) = a (m x k) . b^T, b (n x k) row-major: BLAS with the transpose folded in.
-inline void gemm_nt(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
-  const char t = 'T', nn = 'N';
-  const float one = 1, zero = 0;
-  sgemm_(&t, &nn, &n, &m, &k, &one, b, &ldb, a, &lda, &zero, c, &ldc);
-}
-inline void gemm_nt(int m, int n, int k, const double* a, int lda, const double* b, int ldb, double* c, int ldc) {
-  const char t = 'T', nn = 'N';
-  const double one = 1, zero = 0;
-  dgemm_(&t, &nn, &n, &m, &k, &one, b, &ldb, a, &lda, &zero, c, &ldc);
-}
 
 enum Activation { SILU = 0, GELU = 1, TANH = 2 };
 
@@ -154,7 +139,7 @@ void walk(const T* q, const T* k, const T* v, const std::vector<T*>& WS, const s
         for (int64_t i = 0; i < n * Dv; ++i) Dl[d - 1][i] = 2 * (Dl[d - 1][i] - vr[i]);
         for (int64_t l = d - 1; l > 0; --l) {
           const int64_t a = dims.in[l], o = dims.out[l];
-          gemm_nt(n, a, o, Dl[l].data(), o, g[l], o, Dl[l - 1].data(), a);
+          attnlab::blas_gemm(true, n, a, o, Dl[l].data(), o, g[l], o, Dl[l - 1].data(), a);
           activate(kind, P[l].data(), Dl[l - 1].data(), n * a, true);
         }
         // retrieval
@@ -171,7 +156,7 @@ void walk(const T* q, const T* k, const T* v, const std::vector<T*>& WS, const s
               x2[t * 2 * a + i] = kw[t] * xin[t * a + i];
               x2[t * 2 * a + a + i] = fs[t] * xin[t * a + i];
             }
-          gemm_nt(n, n, a, xin, a, Z[l].data(), a, s.data(), n);
+          attnlab::blas_gemm(true, n, n, a, xin, a, Z[l].data(), a, s.data(), n);
           for (int64_t t = 0; t < n; ++t)
             for (int64_t j = 0; j < n; ++j) s[t * n + j] = j <= t ? -s[t * n + j] * wg[t * C + j] : T(0);
           T* dst = l + 1 < d ? pre.data() : out + (bh * L + t0) * Dv;

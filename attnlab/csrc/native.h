@@ -49,6 +49,8 @@ std::vector<torch::Tensor> rat_finals(torch::Tensor k, torch::Tensor v, torch::T
 
 extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
                        const double*, const int*, const double*, const int*, const double*, double*, const int*);
+extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                       const int*, const float*, const int*, const float*, float*, const int*);
 
 namespace attnlab {
 
@@ -71,6 +73,19 @@ inline void gemm(int m, int n, int k, const double* a, int lda, const double* b,
 // Exponents whose exp stays far inside the dtype (as attnlab/linear.py's EXP_RANGE).
 template <typename T>
 constexpr T kRange = std::is_same_v<T, float> ? T(60) : T(600);
+
+// Row-major c (m x n) = a (m x k) . op(b) through BLAS (MKL; single-threaded inside torch's parallel
+// region), op(b) = b (k x n) or, with `transposed_b`, b^T for b (n x k) row-major: for a transposed
+// operand, or a long m, which the BRGEMM micro-kernel of gemm() is not made for.
+template <typename T>
+inline void blas_gemm(bool transposed_b, int m, int n, int k, const T* a, int lda, const T* b, int ldb, T* c, int ldc) {
+  const char tb = transposed_b ? 'T' : 'N', ta = 'N';
+  const T one = 1, zero = 0;
+  if constexpr (std::is_same_v<T, float>)
+    sgemm_(&tb, &ta, &n, &m, &k, &one, b, &ldb, a, &lda, &zero, c, &ldc);
+  else
+    dgemm_(&tb, &ta, &n, &m, &k, &one, b, &ldb, a, &lda, &zero, c, &ldc);
+}
 
 // dst[c * ld_dst + r] = src[r * cols + c] for r < rows, c < cols: row-major rows laid out as the
 // columns of dst (keys transposed into the B operand of a scores GEMM).
