@@ -83,18 +83,17 @@ def _check(call: Call) -> None:
                              f"[{float(g.min()):.3g}, {float(g.max()):.3g}]")
 
 
+def _gates(call: Call, k, dt):
+    """The forward and backward log gates in ``dt``, expanded to (B, H, Lk, Dk) (views)."""
+    g, gb = (call.params.get(n) for n in ("log_gates", "log_gates_backward"))
+    g, gb = (None if x is None else x.to(dt).expand(k.shape) for x in (g, gb))
+    return g, (g if gb is None else gb)
+
+
 def _prep(call: Call, q, k, v):
     """Queries scaled, everything in the accumulation dtype; gates expanded to (B, H, Lk, Dk)."""
     dt = compute_dtype(q.dtype)
-    B, H, Lk, D = k.shape
-
-    def gates(n):
-        g = call.params.get(n)
-        return None if g is None else g.to(dt).expand(B, H, Lk, D)
-
-    g = gates("log_gates")
-    gb = gates("log_gates_backward")
-    return q.to(dt) * call.scale, k.to(dt), v.to(dt), g, (g if gb is None else gb)
+    return (q.to(dt) * call.scale, k.to(dt), v.to(dt), *_gates(call, k, dt))
 
 
 def _bidirectional(causal_form, fq, fk, v, g, gb):
@@ -119,10 +118,12 @@ def _init(call: Call, batch: int, heads: int, dtype, device) -> State:
 def _chunked(call: Call, q, k, v, state: Optional[State]):
     C = call.params["chunk_size"]
     if not call.causal:
-        fq, fk, vv, g, gb = _prep(call, q, k, v)
-        fast = K.bidirectional(fq, fk, vv, chunk=C, log_gates=(g, gb), q_scale=0.5)  # ViG's ½ (fwd + bwd)
+        dt = compute_dtype(q.dtype)  # ViG's ½ (fwd + bwd) and the scale as the kernel's factor on the queries
+        fast = K.bidirectional(q.to(dt), k.to(dt), v.to(dt), chunk=C, log_gates=_gates(call, k, dt),
+                               q_scale=0.5 * call.scale)
         if fast is not None:
             return fast.to(v.dtype), None
+        fq, fk, vv, g, gb = _prep(call, q, k, v)
         S0 = _init(call, q.shape[0], q.shape[1], q.dtype, q.device)["S"]
         form = lambda a, b, c, gg: K.chunked(a, b, c, S0, chunk=C, log_gates=gg)[0]  # noqa: E731
         return _bidirectional(form, fq, fk, vv, g, gb).to(v.dtype), None
