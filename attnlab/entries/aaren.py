@@ -279,7 +279,8 @@ register(Mechanism(
     params=(CHUNK_SIZE, OFFSETS),
     impls=(
         _impl("chunked", "chunked form: blockwise parallel prefix scan with ⊕ (Hillis-Steele inside blocks and "
-                         "across block totals), O(log L) depth, O(L d) memory"),
+                         "across block totals), O(log L) depth, O(L d) memory; on CPU without autograd the RNN "
+                         "itself, keys walked once per (batch, head) by a C++ kernel"),
         _impl("recurrent", "recurrent form: state ⊕ (s_t, 1, v_t) one token at a time (O(1) state)"),
         _impl("parallel", "parallel form: the quadratic softmax definition (the reference)"),
     ),

@@ -32,12 +32,13 @@ Rows with no visible key (``L_q > L_k``) are zero, the catalogue's fully-masked-
 agent a running softmax over keys, the state ``(max m_a, sum Z_a = Σ_j exp(s_aj - m_a), weighted sum
 U_a = Σ_j exp(s_aj - m_a) v_j)``, ``s_aj = scale A_a·k_j``, ``V_A = U / Z``: ``n (d_v + 2)`` floats per head,
 independent of the length. Chunked (causal): n-dimensional causal linear attention with features
-built from each prefix's log-normalizer (:func:`_causal_as_linear`: GEMMs, the C++ kernel on CPU);
+built from each prefix's log-normalizer (:func:`_causal_as_linear`: GEMMs; on CPU without autograd a
+C++ kernel of its own, :func:`_native_chunked`, which moves the reference up chunk by chunk);
 where those features would leave the dtype's range (a prefix whose logits all lie more than 60 below
 a later maximum, in float32), per chunk of ``C`` keys every position's prefix ``(max, sum, weighted
 sum)`` from an ``(n, C, C)`` masked exponential combined with the carried state, every exponent
 ``<= 0``. The non-causal chunked form absorbs key chunks into the same state
-(online softmax) and then reads it out; the non-causal recurrent form absorbs one key at a time.
+(online softmax; a C++ kernel on CPU) and then reads it out; the non-causal recurrent form absorbs one key at a time.
 Accumulation is float32 for half inputs.
 
 **Left out (module-level).** The agent bias (learned 2-D position biases added to both softmax logits)

@@ -353,7 +353,8 @@ register(Mechanism(
     patterns=("noncausal_self", "causal_self", "noncausal_cross", "causal_cross"),
     params=(CHUNK, GATE, GATES, OFFSETS),
     impls=forms({"chunked": "chunked form: intra-chunk recurrence as a parallel scan, attention over chunk finals "
-                            "in query groups (O(L^2/C d) time, O(L d) memory)",
+                            "in query groups (O(L^2/C d) time, O(L d) memory); on CPU without autograd C++ kernels "
+                            "(the recurrence as written, causal: one pass per (batch, head))",
                  "recurrent": "recurrent form: one token at a time; state = running summary + one per finished "
                               "chunk (O(t/C d))"}),
     check_params=_check,

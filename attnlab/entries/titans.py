@@ -332,7 +332,7 @@ register(Mechanism(
     params=PARAMS,
     impls=forms({"chunked": "chunked form: per chunk, gradients at the chunk-start weights and the momentum/"
                             "forgetting recurrences as (C x C) products; retrieval as masked matmuls (no per-token "
-                            "weights)",
+                            "weights); on CPU without autograd a C++ kernel per (batch, head), weights in cache",
                  "parallel": "the reference: chunk after chunk with every token's weights materialized"}),
     check_params=_check,
     examples=(
