@@ -27,7 +27,8 @@ bool walk(const T* q, const T* k, const T* v, const T* agents, T* r, T* Z, T* U,
   std::atomic<bool> ok{true};
   const T floor = std::exp(-attnlab::kRange<T>);
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> At(D * n), s(C * n), w(C * n), wt(n * C), z(C * n), phi(C * n), scores(C * C), rn(n), f(n);
+    // kq: the chunk's keys then its queries, one GEMM for both logits (s: the keys', phi: the queries')
+    std::vector<T> At(D * n), kq(2 * C * D), sp(2 * C * n), w(C * n), wt(n * C), z(C * n), scores(C * C), rn(n), f(n);
     for (int64_t bh = begin; bh < stop && ok; ++bh) {
       const T* a = agents + bh * n * D;
       for (int64_t i = 0; i < n; ++i)
@@ -41,12 +42,17 @@ bool walk(const T* q, const T* k, const T* v, const T* agents, T* r, T* Z, T* U,
         const T* kc = k + (bh * L + c0) * D;
         const T* vc = v + (bh * L + c0) * Dv;
         T* oc = out + (bh * L + c0) * Dv;
-        attnlab::gemm(m, n, D, kc, D, At.data(), n, false, s.data(), n);  // key logits
+        std::copy(kc, kc + m * D, kq.data());
+        std::copy(qc, qc + m * D, kq.data() + m * D);
+        attnlab::gemm(2 * m, n, D, kq.data(), D, At.data(), n, false, sp.data(), n);  // key and query logits
+        const T* s = sp.data();
+        T* phi = sp.data() + m * n;
+        std::copy(s, s + n, rn.data());  // the chunk's largest key logit per agent, rows at a time
+        for (int64_t t = 1; t < m; ++t)
+          for (int64_t i = 0; i < n; ++i) rn[i] = std::max(rn[i], s[t * n + i]);
         for (int64_t i = 0; i < n; ++i) {
-          T mx = s[i];
-          for (int64_t t = 1; t < m; ++t) mx = std::max(mx, s[t * n + i]);
           const bool empty = Zh[i] == T(0);  // no key yet: whatever r holds is not a reference
-          rn[i] = empty ? mx : std::max(rh[i], mx);
+          rn[i] = empty ? rn[i] : std::max(rh[i], rn[i]);
           f[i] = empty ? T(0) : std::exp(rh[i] - rn[i]);
         }
         for (int64_t i = 0; i < n; ++i) {
@@ -56,19 +62,17 @@ bool walk(const T* q, const T* k, const T* v, const T* agents, T* r, T* Z, T* U,
         for (int64_t t = 0; t < m; ++t)
           for (int64_t i = 0; i < n; ++i) w[t * n + i] = s[t * n + i] - rn[i];
         for (int64_t x = 0; x < m * n; ++x) w[x] = std::exp(w[x]);
-        bool fine = true;
-        for (int64_t t = 0; t < m; ++t)
-          for (int64_t i = 0; i < n; ++i) {
-            z[t * n + i] = w[t * n + i] + (t ? z[(t - 1) * n + i] : Zh[i]);
-            fine = fine && !attnlab::is_nan(z[t * n + i]) && z[t * n + i] >= floor;
-          }
-        if (!fine) {
+        for (int64_t i = 0; i < n; ++i) z[i] = w[i] + Zh[i];
+        for (int64_t t = 1; t < m; ++t)
+          for (int64_t i = 0; i < n; ++i) z[t * n + i] = w[t * n + i] + z[(t - 1) * n + i];
+        bool bad = false;  // a normalizer out of range, or NaN (tested on its bits: fast math keeps them)
+        for (int64_t x = 0; x < m * n; ++x) bad |= attnlab::is_nan(z[x]) | (z[x] < floor);
+        if (bad) {
           ok = false;
           break;
         }
-        attnlab::gemm(m, n, D, qc, D, At.data(), n, false, phi.data(), n);  // query logits
         for (int64_t t = 0; t < m; ++t) {  // p = softmax over the agents, divided by z
-          T* row = phi.data() + t * n;
+          T* row = phi + t * n;
           T mx = row[0];
           for (int64_t i = 1; i < n; ++i) mx = std::max(mx, row[i]);
           T sum = 0;
@@ -76,10 +80,10 @@ bool walk(const T* q, const T* k, const T* v, const T* agents, T* r, T* Z, T* U,
           for (int64_t i = 0; i < n; ++i) row[i] /= sum * z[t * n + i];
         }
         attnlab::transpose(w.data(), m, n, wt.data(), m);
-        attnlab::causal_scores(m, n, phi.data(), wt.data(), scores.data());
+        attnlab::causal_scores(m, n, phi, wt.data(), scores.data());
         for (int64_t t = 0; t < m; ++t) std::fill(scores.data() + t * m + t + 1, scores.data() + (t + 1) * m, T(0));
         attnlab::causal_values(m, Dv, scores.data(), vc, oc);
-        attnlab::gemm(m, Dv, n, phi.data(), n, Uh, Dv, true, oc, Dv);  // + the state before the chunk
+        attnlab::gemm(m, Dv, n, phi, n, Uh, Dv, true, oc, Dv);  // + the state before the chunk
         attnlab::gemm(n, Dv, m, wt.data(), m, vc, Dv, true, Uh, Dv);    // U += w^T V_c
         for (int64_t i = 0; i < n; ++i) {
           Zh[i] = z[(m - 1) * n + i];
