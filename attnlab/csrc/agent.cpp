@@ -56,6 +56,7 @@ bool walk(const T* q, const T* k, const T* v, const T* agents, T* r, T* Z, T* U,
           f[i] = empty ? T(0) : std::exp(rh[i] - rn[i]);
         }
         for (int64_t i = 0; i < n; ++i) {
+          if (f[i] == T(1)) continue;  // the agent's reference did not move
           Zh[i] *= f[i];
           for (int64_t d = 0; d < Dv; ++d) Uh[i * Dv + d] *= f[i];
         }
