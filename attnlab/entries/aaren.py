@@ -290,7 +290,8 @@ register(Mechanism(
     recurrence=Recurrence(parallel=_parallel, chunked=_chunked, step=_step, init=_init, state_size=_state_size,
                           noncausal_recurrent=_noncausal_recurrent, fused=fused),
     flops=_flops,
-    complexity={"time": "O(L d + L d_v log C + (L/C) d_v log(L/C)) work, O(log L) depth",
+    complexity={"time": "O(L (d + d_v)) work on the C++ kernel (the RNN); the parallel prefix scan: O(L d + L d_v "
+                        "log C + (L/C) d_v log(L/C)) work, O(log L) depth",
                 "memory": "O(L d_v)", "state": "O(d + d_v)"},
     extras={"gradcheck_impls": ("chunked", "parallel"),
             "shared_query": "Aaren attends with one query token per (batch, head): every row of q must be equal "
