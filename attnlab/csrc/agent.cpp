@@ -21,6 +21,26 @@
 
 namespace {
 
+// At (D x n) = scale * A^T: the agents as the B operand of the logits GEMMs.
+template <typename T>
+void scaled_agents(const T* a, int64_t n, int64_t D, T scale, T* At) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < D; ++d) At[d * n + i] = scale * a[i * D + d];
+}
+
+// Each of the m rows of p (n logits) -> its softmax over the agents, divided by z (m x n) when given.
+template <typename T>
+void softmax_rows(T* p, int64_t m, int64_t n, const T* z) {
+  for (int64_t t = 0; t < m; ++t) {
+    T* row = p + t * n;
+    T mx = row[0];
+    for (int64_t i = 1; i < n; ++i) mx = std::max(mx, row[i]);
+    T sum = 0;
+    for (int64_t i = 0; i < n; ++i) sum += (row[i] = std::exp(row[i] - mx));
+    for (int64_t i = 0; i < n; ++i) row[i] /= z ? sum * z[t * n + i] : sum;
+  }
+}
+
 template <typename T>
 bool walk(const T* q, const T* k, const T* v, const T* agents, T* r, T* Z, T* U, T* out, int64_t BH, int64_t L,
           int64_t D, int64_t Dv, int64_t n, int64_t C, T scale) {
@@ -30,9 +50,7 @@ bool walk(const T* q, const T* k, const T* v, const T* agents, T* r, T* Z, T* U,
     // kq: the chunk's keys then its queries, one GEMM for both logits (s: the keys', phi: the queries')
     std::vector<T> At(D * n), kq(2 * C * D), sp(2 * C * n), w(C * n), wt(n * C), z(C * n), scores(C * C), rn(n), f(n);
     for (int64_t bh = begin; bh < stop && ok; ++bh) {
-      const T* a = agents + bh * n * D;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t d = 0; d < D; ++d) At[d * n + i] = scale * a[i * D + d];
+      scaled_agents(agents + bh * n * D, n, D, scale, At.data());
       T* rh = r + bh * n;
       T* Zh = Z + bh * n;
       T* Uh = U + bh * n * Dv;
@@ -72,14 +90,7 @@ bool walk(const T* q, const T* k, const T* v, const T* agents, T* r, T* Z, T* U,
           ok = false;
           break;
         }
-        for (int64_t t = 0; t < m; ++t) {  // p = softmax over the agents, divided by z
-          T* row = phi + t * n;
-          T mx = row[0];
-          for (int64_t i = 1; i < n; ++i) mx = std::max(mx, row[i]);
-          T sum = 0;
-          for (int64_t i = 0; i < n; ++i) sum += (row[i] = std::exp(row[i] - mx));
-          for (int64_t i = 0; i < n; ++i) row[i] /= sum * z[t * n + i];
-        }
+        softmax_rows(phi, m, n, z.data());  // phi = p / z
         attnlab::transpose(w.data(), m, n, wt.data(), m);
         attnlab::causal_scores(m, n, phi, wt.data(), scores.data());
         for (int64_t t = 0; t < m; ++t) std::fill(scores.data() + t * m + t + 1, scores.data() + (t + 1) * m, T(0));
@@ -105,9 +116,7 @@ void noncausal(const T* q, const T* k, const T* v, const T* agents, T* out, int6
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
     std::vector<T> At(D * n), s(C * n), wt(n * C), r(n), Z(n), U(n * Dv);
     for (int64_t bh = begin; bh < stop; ++bh) {
-      const T* a = agents + bh * n * D;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t d = 0; d < D; ++d) At[d * n + i] = scale * a[i * D + d];
+      scaled_agents(agents + bh * n * D, n, D, scale, At.data());
       std::fill(Z.begin(), Z.end(), T(0));
       std::fill(U.begin(), U.end(), T(0));
       for (int64_t c0 = 0; c0 < Lk; c0 += C) {
@@ -132,14 +141,7 @@ void noncausal(const T* q, const T* k, const T* v, const T* agents, T* out, int6
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {
         const int64_t m = std::min(C, Lq - c0);
         attnlab::gemm(m, n, D, q + (bh * Lq + c0) * D, D, At.data(), n, false, s.data(), n);
-        for (int64_t t = 0; t < m; ++t) {
-          T* row = s.data() + t * n;
-          T mx = row[0];
-          for (int64_t i = 1; i < n; ++i) mx = std::max(mx, row[i]);
-          T sum = 0;
-          for (int64_t i = 0; i < n; ++i) sum += (row[i] = std::exp(row[i] - mx));
-          for (int64_t i = 0; i < n; ++i) row[i] /= sum;
-        }
+        softmax_rows(s.data(), m, n, static_cast<const T*>(nullptr));
         attnlab::gemm(m, Dv, n, s.data(), n, U.data(), Dv, false, out + (bh * Lq + c0) * Dv, Dv);
       }
     }

@@ -41,6 +41,23 @@
 
 namespace {
 
+// Features per row of Din channels for `feature` (Taylor: 1 + d + d^2 of the first d = taylor_dim),
+// after checking taylor_dim.
+int64_t feature_count(int64_t feature, int64_t taylor_dim, int64_t Din) {
+  TORCH_CHECK(feature >= 0 && feature <= 3, "feature: 0 (identity), 1 (elu+1), 2 (relu) or 3 (Taylor)");
+  TORCH_CHECK(feature != 3 || (taylor_dim >= 1 && taylor_dim <= Din), "taylor_dim must be in 1..", Din);
+  return feature == 3 ? 1 + taylor_dim + taylor_dim * taylor_dim : Din;
+}
+
+// The normalizer column of a state S (F rows of Ds = Dv + 1): S[f][Dv] += sum of row f of kt (F x n).
+template <typename T>
+void add_key_sums(const T* kt, int64_t F, int64_t n, T* S, int64_t Ds, int64_t Dv) {
+  for (int64_t f = 0; f < F; ++f) {
+    T z = 0;
+    for (int64_t t = 0; t < n; ++t) z += kt[f * n + t];
+    S[f * Ds + Dv] += z;
+  }
+}
 
 // dst (rows x F) = factor * phi(src (rows x Din)); phi by `feature` (0 identity, 1 elu + 1, 2 relu:
 // F = Din; 3 Taylor of the first d channels: F = 1 + d + d^2).
@@ -129,7 +146,8 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
         const T* gc = gates ? gates + (bh * L + r0) * gate_cols : nullptr;
         if (reverse) {  // the sequence read backwards: the chunk's rows in reverse order
           auto flip = [n](const T* src, int64_t width, std::vector<T>& dst) {
-            for (int64_t t = 0; t < n; ++t) std::copy(src + (n - 1 - t) * width, src + (n - t) * width, dst.data() + t * width);
+            for (int64_t t = 0; t < n; ++t)
+              std::copy(src + (n - 1 - t) * width, src + (n - t) * width, dst.data() + t * width);
             return dst.data();
           };
           qc = flip(qc, Din, rq);
@@ -229,12 +247,8 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
           const T across = last ? std::exp(last[f]) : chunk_decay;
           if (across != T(1))
             for (int64_t d = 0; d < Ds; ++d) S[f * Ds + d] *= across;
-          if (normalize) {
-            T z = 0;
-            for (int64_t s2 = 0; s2 < n; ++s2) z += kt[f * n + s2];
-            S[f * Ds + Dv] += z;
-          }
         }
+        if (normalize) add_key_sums(kt.data(), F, n, S, Ds, Dv);
         attnlab::gemm(F, Dv, n, kt.data(), n, vc, Dv, true, S, Ds);
         if (!ro.empty())  // the output rows land (in reverse order when reading backwards), added or written
           for (int64_t t = 0; t < n; ++t) {
@@ -251,7 +265,8 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
   });
 }
 
-// Non-causal, no decay: S = sum over the key chunks of phi(K_c)^T [V_c, 1], then O_c = phi(Q_c) S per query chunk, divided by the normalizer column.
+// Non-causal, no decay: S = sum over the key chunks of phi(K_c)^T [V_c, 1], then O_c = phi(Q_c) S per
+// query chunk, divided by the normalizer column.
 // RALA (rala_scale > 0): the weights are a_j = softmax_j(rala_scale qbar . phi(k_j)), qbar = the mean of
 // phi(q_i), from a first pass over the queries; the softmax runs online (S and its sum Z rescaled
 // when the maximum grows) and its division is folded into the normalizer: num / (den + eps Z).
@@ -300,12 +315,7 @@ void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t L
         }
         attnlab::transpose(mapped.data(), n, F, kt.data(), n);
         attnlab::gemm(F, Dv, n, kt.data(), n, v + (bh * Lk + c0) * Dv, Dv, true, S.data(), Ds);
-        if (normalize)
-          for (int64_t f = 0; f < F; ++f) {
-            T z = 0;
-            for (int64_t t = 0; t < n; ++t) z += kt[f * n + t];
-            S[f * Ds + Dv] += z;
-          }
+        if (normalize) add_key_sums(kt.data(), F, n, S.data(), Ds, Dv);
       }
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {
         const int64_t n = std::min(C, Lq - c0);
@@ -329,10 +339,9 @@ void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t L
 
 // phi(x) of rows of Din channels (x: (..., Din) -> (..., F)), by `feature` as linear_chunks applies it.
 torch::Tensor map_features(torch::Tensor x, int64_t feature, int64_t taylor_dim) {
-  TORCH_CHECK(x.dim() >= 1 && feature >= 0 && feature <= 3, "x (..., Din); feature 0..3");
-  const int64_t Din = x.size(-1);
-  TORCH_CHECK(feature != 3 || (taylor_dim >= 1 && taylor_dim <= Din), "taylor_dim must be in 1..", Din);
-  const int64_t F = feature == 3 ? 1 + taylor_dim + taylor_dim * taylor_dim : Din, rows = x.numel() / std::max<int64_t>(Din, 1);
+  TORCH_CHECK(x.dim() >= 1, "x must be (..., Din)");
+  const int64_t Din = x.size(-1), F = feature_count(feature, taylor_dim, Din);
+  const int64_t rows = x.numel() / std::max<int64_t>(Din, 1);
   x = x.contiguous();
   auto sizes = x.sizes().vec();
   sizes.back() = F;
@@ -342,7 +351,8 @@ torch::Tensor map_features(torch::Tensor x, int64_t feature, int64_t taylor_dim)
     const T* src = x.data_ptr<T>();
     T* dst = out.data_ptr<T>();
     at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t stop) {
-      feature_map(src + begin * Din, stop - begin, Din, F, static_cast<int>(feature), taylor_dim, T(1), dst + begin * F);
+      feature_map(src + begin * Din, stop - begin, Din, F, static_cast<int>(feature), taylor_dim, T(1),
+                  dst + begin * F);
     });
   });
   return out;
@@ -358,21 +368,20 @@ torch::Tensor linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k (B, H, L, Din), v (B, H, Lk, Dv)");
   const auto dt = q.scalar_type();
   TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "q, k, v dtypes differ");
-  TORCH_CHECK(chunk > 0 && feature >= 0 && feature <= 3, "bad chunk or feature");
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Din = q.size(3), Lk = k.size(2), Dv = v.size(3);
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Din && v.size(0) == B && v.size(1) == H &&
                   v.size(2) == Lk, "k, v shapes do not match q");
-  TORCH_CHECK(feature != 3 || (taylor_dim >= 1 && taylor_dim <= Din), "taylor_dim must be in 1..", Din);
-  const int64_t F = feature == 3 ? 1 + taylor_dim + taylor_dim * taylor_dim : Din;
+  const int64_t F = feature_count(feature, taylor_dim, Din);
   q = q.contiguous();
   k = k.contiguous();
   v = v.contiguous();
   auto out = torch::empty({B, H, Lq, Dv}, q.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "linear_noncausal", [&] {
     using T = scalar_t;
-    noncausal<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(), B * H, Lq, Lk, Din, F, Dv, chunk, normalize_eps.has_value(),
-                 static_cast<T>(normalize_eps.value_or(0.0)), static_cast<int>(feature), taylor_dim,
-                 static_cast<T>(q_scale), static_cast<T>(rala_scale));
+    noncausal<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(), B * H, Lq, Lk, Din, F, Dv, chunk,
+                 normalize_eps.has_value(), static_cast<T>(normalize_eps.value_or(0.0)), static_cast<int>(feature),
+                 taylor_dim, static_cast<T>(q_scale), static_cast<T>(rala_scale));
   });
   return out;
 }
@@ -397,13 +406,11 @@ torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
                   q.scalar_type() == state.scalar_type(), "q, k, v, state dtypes differ");
   TORCH_CHECK(state.is_contiguous(), "state must be contiguous (it is updated in place)");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
-  TORCH_CHECK(feature >= 0 && feature <= 3, "feature: 0 (identity), 1 (elu+1), 2 (relu) or 3 (Taylor)");
   q = q.contiguous();
   k = k.contiguous();
   v = v.contiguous();
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), Din = q.size(3), Dv = v.size(3);
-  TORCH_CHECK(feature != 3 || (taylor_dim >= 1 && taylor_dim <= Din), "taylor_dim must be in 1..", Din);
-  const int64_t F = feature == 3 ? 1 + taylor_dim + taylor_dim * taylor_dim : Din;
+  const int64_t F = feature_count(feature, taylor_dim, Din);
   TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == L, "v must be (B, H, L, Dv)");
   const bool centred = centre.has_value() && centre->defined();
   const bool normalize = normalize_eps.has_value() || centred;
@@ -415,7 +422,8 @@ torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
   TORCH_CHECK(state.size(0) == B && state.size(1) == H && state.size(2) == F && state.size(3) == Dv + normalize,
               normalize ? "state must be (B, H, F, Dv + 1)" : "state must be (B, H, F, Dv)");
   const bool accumulate = add_to.has_value() && add_to->defined();
-  TORCH_CHECK(!(reverse || accumulate) || !normalize, "reverse and add_to take the raw form (no normalizer, no centre)");
+  TORCH_CHECK(!(reverse || accumulate) || !normalize,
+              "reverse and add_to take the raw form (no normalizer, no centre)");
   if (accumulate)
     TORCH_CHECK(add_to->is_contiguous() && add_to->scalar_type() == q.scalar_type() && add_to->dim() == 4 &&
                     add_to->size(0) == B && add_to->size(1) == H && add_to->size(2) == L && add_to->size(3) == Dv,

@@ -97,15 +97,17 @@ void walk(const T* q, const T* k, const T* v, const std::vector<T*>& WS, const s
   int64_t widest = 0;
   for (int64_t l = 0; l < d; ++l) widest = std::max({widest, dims.in[l], dims.out[l]});
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t stop) {
-    // Z (layer inputs), P (pre-activations), Dl (errors), per layer; x, y: activations of the retrieval
-    std::vector<std::vector<T>> Z(d), P(d), Dl(d), Zt(d);
+    // per layer: Z (inputs), P (pre-activations of layers >= 1), Dl (errors); x2 ([keep_w x | from_s x]),
+    // pre and y (a retrieval layer's pre-activation and activation), s (n x n), zt (-Z^T), dw and ds
+    // (the errors weighted for the W and S updates): scratch for one layer at a time
+    std::vector<std::vector<T>> Z(d), P(d), Dl(d);
     for (int64_t l = 0; l < d; ++l) {
       Z[l].resize(C * dims.in[l]);
-      P[l].resize(C * dims.in[l]);
-      Zt[l].resize(C * dims.in[l]);
+      if (l) P[l].resize(C * dims.in[l]);
       Dl[l].resize(C * dims.out[l]);
     }
-    std::vector<T> x2(C * 2 * widest), pre(C * widest), y(C * widest), s(C * C), dw(C * widest), ds(C * widest);
+    std::vector<T> x2(C * 2 * widest), pre(C * widest), y(C * widest), s(C * C), zt(C * widest), dw(C * widest),
+        ds(C * widest);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       std::vector<T*> W(d), S(d), Gh(d);
@@ -182,13 +184,13 @@ void walk(const T* q, const T* k, const T* v, const std::vector<T*>& WS, const s
               ds[j * o + c] = sg[(n - 1) * C + j] * Dl[l][j * o + c];
             }
           for (int64_t j = 0; j < n; ++j)
-            for (int64_t i = 0; i < a; ++i) Zt[l][i * n + j] = -Z[l][j * a + i];
+            for (int64_t i = 0; i < a; ++i) zt[i * n + j] = -Z[l][j * a + i];
           for (int64_t i = 0; i < a * o; ++i) {
             Wl[i] = kwn * Wl[i] + fsn * Sl[i];
             Sl[i] = ksn * Sl[i];
           }
-          attnlab::gemm(a, o, n, Zt[l].data(), n, dw.data(), o, true, Wl, o);
-          attnlab::gemm(a, o, n, Zt[l].data(), n, ds.data(), o, true, Sl, o);
+          attnlab::gemm(a, o, n, zt.data(), n, dw.data(), o, true, Wl, o);
+          attnlab::gemm(a, o, n, zt.data(), n, ds.data(), o, true, Sl, o);
         }
         g_is_w = ends_chunk;  // (a run that does not end its chunk is the segment's last)
         t0 += n;
@@ -240,7 +242,8 @@ torch::Tensor memory_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, s
     const bool square = c == &w_grad || c == &s_grad;
     TORCH_CHECK(c->is_contiguous() && c->scalar_type() == dt && c->dim() == (square ? 5 : 4) &&
                     (c->size(0) == 1 || c->size(0) == B) && (c->size(1) == 1 || c->size(1) == H) &&
-                    c->size(0) == keep_w.size(0) && c->size(1) == keep_w.size(1) && (c->size(2) == runs || c->size(2) == 1) && c->size(2) == keep_w.size(2) &&
+                    c->size(0) == keep_w.size(0) && c->size(1) == keep_w.size(1) &&
+                    (c->size(2) == runs || c->size(2) == 1) && c->size(2) == keep_w.size(2) &&
                     c->size(3) == chunk && (!square || c->size(4) == chunk),
                 "coefficients must be contiguous (Bc, Hc, R, C[, C]) of q's dtype, R = ", runs, " runs");
   }

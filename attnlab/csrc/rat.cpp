@@ -120,19 +120,26 @@ void walk(const T* q, const T* k, const T* v, const T* gk, int64_t gk_cols, cons
   });
 }
 
+// gk (B, H, L, 1 | D) and gv (B, H, L, 1 | Dv) of k's dtype, as both entry points take them.
+void check_gates(const torch::Tensor& gk, const torch::Tensor& gv, const torch::Tensor& k, int64_t Dv) {
+  const int64_t B = k.size(0), H = k.size(1), L = k.size(2), D = k.size(3);
+  for (const auto* g : {&gk, &gv})
+    TORCH_CHECK(g->dim() == 4 && g->size(0) == B && g->size(1) == H && g->size(2) == L &&
+                    (g->size(3) == 1 || g->size(3) == (g == &gk ? D : Dv)) && g->scalar_type() == k.scalar_type(),
+                "gk must be (B, H, L, 1 | D) and gv (B, H, L, 1 | Dv), of k's dtype");
+}
+
 }  // namespace
 
 // The final summary of every chunk (the last one may be shorter): k (B, H, L, D), v (B, H, L, Dv), gates as
 // rat_chunks'. Returns (finals_k (B, H, ceil(L / C), D), finals_v (B, H, ceil(L / C), Dv)).
 std::vector<torch::Tensor> rat_finals(torch::Tensor k, torch::Tensor v, torch::Tensor gk, torch::Tensor gv,
                                       int64_t chunk) {
-  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && gk.dim() == 4 && gv.dim() == 4 && chunk > 0, "bad shapes or chunk");
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && chunk > 0, "k (B, H, L, D), v (B, H, L, Dv); chunk positive");
   const int64_t B = k.size(0), H = k.size(1), L = k.size(2), D = k.size(3), Dv = v.size(3);
-  TORCH_CHECK(L > 0 && v.size(0) == B && v.size(1) == H && v.size(2) == L, "v must be (B, H, L, Dv)");
-  TORCH_CHECK(gk.size(0) == B && gk.size(1) == H && gk.size(2) == L && (gk.size(3) == 1 || gk.size(3) == D) &&
-                  gv.size(0) == B && gv.size(1) == H && gv.size(2) == L && (gv.size(3) == 1 || gv.size(3) == Dv),
-              "gk (B, H, L, 1 | D), gv (B, H, L, 1 | Dv)");
-  for (const auto* x : {&v, &gk, &gv}) TORCH_CHECK(x->scalar_type() == k.scalar_type(), "dtypes differ");
+  TORCH_CHECK(L > 0 && v.size(0) == B && v.size(1) == H && v.size(2) == L && v.scalar_type() == k.scalar_type(),
+              "v must be (B, H, L, Dv) of k's dtype");
+  check_gates(gk, gv, k, Dv);
   k = k.contiguous();
   v = v.contiguous();
   gk = gk.contiguous();
@@ -177,12 +184,9 @@ std::vector<torch::Tensor> rat_chunks(torch::Tensor q, torch::Tensor k, torch::T
   const auto dt = q.scalar_type();
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Dv = v.size(3), P = past_k.size(2);
   TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == L, "v must be (B, H, L, Dv)");
-  for (const auto* x : {&k, &v, &gk, &gv, &past_k, &past_v, &carry_k, &carry_v})
+  for (const auto* x : {&k, &v, &past_k, &past_v, &carry_k, &carry_v})
     TORCH_CHECK(x->scalar_type() == dt, "every tensor must have q's dtype");
-  TORCH_CHECK(gk.dim() == 4 && gk.size(0) == B && gk.size(1) == H && gk.size(2) == L &&
-                  (gk.size(3) == 1 || gk.size(3) == D), "gk must be (B, H, L, 1 | D)");
-  TORCH_CHECK(gv.dim() == 4 && gv.size(0) == B && gv.size(1) == H && gv.size(2) == L &&
-                  (gv.size(3) == 1 || gv.size(3) == Dv), "gv must be (B, H, L, 1 | Dv)");
+  check_gates(gk, gv, k, Dv);
   TORCH_CHECK(past_k.dim() == 4 && past_k.size(0) == B && past_k.size(1) == H && past_k.size(3) == D &&
                   past_v.dim() == 4 && past_v.size(0) == B && past_v.size(1) == H && past_v.size(2) == P &&
                   past_v.size(3) == Dv, "past_k must be (B, H, P, D) and past_v (B, H, P, Dv)");
