@@ -25,8 +25,8 @@ tested against it):
 ``memory_chunks``    the chunked form of Titans' neural memory (:mod:`attnlab.memory`): each
                      (batch, head) walks its chunks with the MLP's weights and momentum in cache.
 
-``range_attention``, ``linear_chunks``, ``memory_chunks`` and ``rat_chunks`` do their GEMMs with the micro-kernel torch's own CPU
-attention uses (oneDNN BRGEMM, through ATen); ``box_attention`` has register-blocked micro-kernels
+All but ``box_attention`` do their GEMMs with the micro-kernel torch's own CPU attention uses
+(oneDNN BRGEMM, through ATen; BLAS for a transposed operand); ``box_attention`` has register-blocked micro-kernels
 of its own that read keys and values in place (tiles of a few queries waste less of a
 neighbourhood than a GEMM's blocks). All run on torch's OpenMP thread pool. The module is
 compiled with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja are needed) into
@@ -44,7 +44,8 @@ from typing import Optional
 
 import torch
 
-_SOURCES = ("bindings.cpp", "ranges.cpp", "boxes.cpp", "linear_chunks.cpp", "memory.cpp", "rat.cpp", "aaren.cpp", "agent.cpp")
+_SOURCES = ("bindings.cpp", "ranges.cpp", "boxes.cpp", "linear_chunks.cpp", "memory.cpp", "rat.cpp", "aaren.cpp",
+            "agent.cpp")
 _STATE: dict = {}
 
 #: Code generation per CPU capability torch reports (the kernels' own loops: exponentials,

@@ -195,11 +195,8 @@ def _native_chunked(call: Call, query, k, v, state: Optional[State], q):
     """:func:`_chunked` on the C++ kernel (:func:`attnlab.native.aaren_scan`): the keys walked once per
     (batch, head) with the state, every exponent <= 0 as in the scan."""
     B, H, L, _ = k.shape
-    if state is None or state.length == 0:
-        m = k.new_full((B, H), float("-inf"))
-        u, w = k.new_zeros(B, H), k.new_zeros(B, H, v.shape[-1])
-    else:
-        m, u, w = (state[n].contiguous().clone() for n in ("m", "u", "w"))
+    start = _init(call, B, H, k.dtype, k.device) if state is None else state
+    m, u, w = (start[n].clone(memory_format=torch.contiguous_format) for n in ("m", "u", "w"))  # updated in place
     out = _native.aaren_scan(query.contiguous(), k, v, m, u, w, call.scale, call.causal).to(q.dtype)
     if not call.causal:
         return out.expand(-1, -1, q.shape[2], -1).contiguous(), None

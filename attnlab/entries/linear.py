@@ -96,17 +96,15 @@ def kernel_entry(name: str, *, paper: str, summary: str, formula: str, params, p
     def chunked(call, q, k, v, state):
         pos0 = 0 if state is None else state.length
         fmap = call.params.get("feature_map", "identity")
+        dt, q_scale = compute_dtype(q.dtype), (1.0 if normalize(call) else call.scale)
         if not call.causal and fmap in K.ELEMENTWISE and log_decay(call) is None:  # mapped on the kernel
-            dt = compute_dtype(q.dtype)
             fast = K.noncausal_fused(q.to(dt), k.to(dt), v.to(dt), chunk=call.params["chunk_size"], feature=fmap,
-                                     q_scale=1.0 if normalize(call) else call.scale,
+                                     q_scale=q_scale,
                                      normalize_eps=call.params.get("eps", 0.0) if normalize(call) else None)
             if fast is not None:
                 return fast.to(v.dtype), None
         if call.causal and fmap in K.ELEMENTWISE:  # the chunked form maps q and k itself, chunk by chunk
-            dt = compute_dtype(q.dtype)
             fq, fk = q.to(dt), k.to(dt)
-            q_scale = 1.0 if normalize(call) else call.scale
         else:
             fq, fk = mapped(call, q, k, pos0)
             fmap, q_scale = "identity", 1.0

@@ -207,10 +207,7 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
     carry = (state["key"], state["value"]) if r else (None, None)
     sk = scan_summaries(k, gk, C, r, carry[0])
     sv = scan_summaries(v, gv, C, r, carry[1])
-    past_k, past_v = state["keys"], state["values"]
-    if r == 0 and p0 > 0:  # the state's current chunk is complete
-        past_k = torch.cat([past_k, state["key"][:, :, None]], 2)
-        past_v = torch.cat([past_v, state["value"][:, :, None]], 2)
+    past_k, past_v = _finished(state, C)
     fk, fv = sk[:, :, C - 1::C], sv[:, :, C - 1::C]
     own_k, own_v = sk[:, :, r:r + L], sv[:, :, r:r + L]
     visible = past_k.shape[2] + (r + torch.arange(L, device=q.device)) // C
@@ -220,6 +217,16 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
                        "values": torch.cat([past_v, fv[:, :, :done]], 2),
                        "key": own_k[:, :, -1], "value": own_v[:, :, -1]}, p0 + L)
     return out.to(q.dtype), new
+
+
+def _finished(state: State, C: int):
+    """The final summaries of every chunk finished before the state's next token: the state's list, plus
+    its running summary when that chunk is complete."""
+    past_k, past_v = state["keys"], state["values"]
+    if state.length % C == 0 and state.length > 0:
+        past_k = torch.cat([past_k, state["key"][:, :, None]], 2)
+        past_v = torch.cat([past_v, state["value"][:, :, None]], 2)
+    return past_k, past_v
 
 
 def _kernel_gates(k, gk, gv):
@@ -233,10 +240,7 @@ def _native_chunked(call: Call, q, k, v, gk, gv, state: State):
     (batch, head), the summaries scanned and attended block by block."""
     L = q.shape[2]
     C, p0 = call.params["chunk"], state.length
-    past_k, past_v = state["keys"], state["values"]
-    if p0 % C == 0 and p0 > 0:  # the state's current chunk is complete
-        past_k = torch.cat([past_k, state["key"][:, :, None]], 2)
-        past_v = torch.cat([past_v, state["value"][:, :, None]], 2)
+    past_k, past_v = _finished(state, C)
     gk, gv = _kernel_gates(k, gk, gv)
     out, fin_k, fin_v, key, value = _native.rat_chunks(q, k, v, gk, gv, past_k, past_v, state["key"], state["value"],
                                                        C, p0, call.scale)

@@ -162,12 +162,17 @@ def _parallel(call: Call, q, k, v):
     return torch.cat([out.new_zeros(B, H, Lq - Lk, out.shape[-1]), out], dim=2).to(call.dtype)  # early rows: no key
 
 
+def _pieces(b: int, pos0: int, L: int):
+    """Key positions ``0..L-1`` (absolute ``pos0 + i``) cut at the boundaries of chunks of ``b``: ``(start, stop)``."""
+    cuts = [0] + [i for i in range(1, L) if (pos0 + i) % b == 0] + [L]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 def _runs(call: Call, dt, pos0: int, L: int):
     """Key positions ``0..L-1`` (absolute ``pos0 + i``) split at chunk boundaries: ``(start, stop, coefficients)``
     for each run; the full chunks' coefficients are computed for all of them at once."""
     b = call.params["chunk_size"]
-    cuts = [0] + [i for i in range(1, L) if (pos0 + i) % b == 0] + [L]
-    pieces = list(zip(cuts[:-1], cuts[1:]))
+    pieces = _pieces(b, pos0, L)
     full = [(s, e) for s, e in pieces if e - s == b]
     if full:  # contiguous: one (…, n_chunks, b) batch of rates
         a0, n_full = full[0][0], len(full)
@@ -211,12 +216,8 @@ def _run_coefficients(call: Call, dt, pos0: int, L: int) -> mem.Coefficients:
     b = call.params["chunk_size"]
     if all(call.params.get(t) is None for _, t in RATES):
         return mem.coefficients(*(r[:, :, None] for r in _rates(call, dt, 0, b)))
-    index, t = [], 0
-    while t < L:
-        n = min(L - t, b - (pos0 + t) % b)
-        index.append(list(range(t, t + n)) + [-1] * (b - n))
-        t += n
-    index = torch.tensor(index, device=call.device)
+    index = torch.tensor([list(range(s, e)) + [-1] * (b - (e - s)) for s, e in _pieces(b, pos0, L)],
+                         device=call.device)
     pads = (0.0, 1.0, 0.0)
     rates = [torch.where(index >= 0, r[:, :, index.clamp(min=0)], pad) for r, pad in zip(_rates(call, dt, 0, L), pads)]
     return mem.coefficients(*rates)

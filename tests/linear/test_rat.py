@@ -156,7 +156,8 @@ def test_state_holds_one_summary_per_finished_chunk():
 
 @pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("chunk,gates,Lq", [(16, None, 150), (7, "key+value", 70), (5, "per-head", 150), (200, None, 70)])
+@pytest.mark.parametrize("chunk,gates,Lq", [(16, None, 150), (7, "key+value", 70), (5, "per-head", 150),
+                                           (200, None, 70)])
 def test_noncausal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, chunk, gates, Lq):
     """Non-causal (cross lengths too): the chunks' finals by the C++ recurrence, then attention over them, equal
     the PyTorch path and the definition; a NaN key makes every row of its head NaN on both paths."""
