@@ -149,10 +149,13 @@ def chunked(fq, fk, v, S, *, chunk: int, log_decay=None, log_gates=None, feature
     Spans of about :data:`SPAN` tokens (whole chunks) are computed one after another, each with all
     its chunks at once and the state carried between spans, so the working set stays in cache and
     does not grow with L (throughput at 32K tokens equals throughput at 1K). A remainder shorter
-    than a chunk is one last chunk. On CPU, in float32/float64 and with no gradient to record, the
-    fused C++ kernel (:func:`attnlab.native.linear_chunks`) computes the same thing.
+    than a chunk is one last chunk. On CPU, in float32/float64, the fused C++ kernel
+    (:func:`attnlab.native.linear_chunks`) computes the same thing; while autograd records, with the
+    feature map applied in PyTorch and :class:`Chunks`' backward kernel.
     """
     B, H, L, F = fq.shape
+    if _recorded(fq, fk, v, S, log_decay, log_gates):  # forward and backward on the C++ kernels
+        return _through_kernels(fq, fk, v, S, chunk, log_decay, log_gates, feature, q_scale, feature_dim)
     S_kernel = _kernel_state(S, fq, fk, v, log_decay, log_gates)
     if S_kernel is not None:
         return _native.linear_chunks(fq, fk, v, S_kernel, log_decay, chunk, log_gates, feature=feature, q_scale=q_scale,
@@ -186,6 +189,8 @@ def chunked_normalized(fq, fk, v, S, *, chunk: int, log_decay=None, normalize: b
     """:func:`chunked` then :func:`finish`: the output ``num / (den + eps)`` (or ``num``), and the state
     (``value_dim + 1`` columns when normalizing). The C++ kernel, where it serves, divides inside each
     chunk instead of appending a column of ones to ``v``."""
+    if normalize and _recorded(fq, fk, v, S, log_decay):  # forward and backward on the C++ kernels
+        return _through_kernels(fq, fk, v, S, chunk, log_decay, None, feature, q_scale, feature_dim, eps)
     S_kernel = _kernel_state(S, fq, fk, v, log_decay) if normalize else None
     if S_kernel is not None:
         return _native.linear_chunks(fq, fk, v, S_kernel, log_decay, chunk, normalize_eps=eps, feature=feature,
@@ -216,6 +221,72 @@ def finish_centred(raw: torch.Tensor, ubar, count, scale: float) -> torch.Tensor
     return scale / count * (raw[..., :-1] - raw[..., -1:] * ubar) + ubar
 
 
+class Chunks(torch.autograd.Function):
+    """:func:`chunked` (or with ``eps`` :func:`chunked_normalized`) on the C++ kernels, forward and
+    backward (:func:`attnlab.native.linear_chunks_backward` gives dq, dk, dv and the initial state's
+    gradient, through the feature map and the normalizer).
+    ``apply(q, k, v, S0, log_decay, log_gates, chunk, feature, feature_dim, q_scale, eps) -> (out, S)``;
+    the gates ``(B, H, L, F|1)``; the feature map other than the identity only where the decay and
+    gates need no gradient (:func:`_through_kernels` maps the features in PyTorch otherwise).
+
+    The gates' gradient: with ``G_t`` the cumulative log gate (``Σ_{i<=t} g_i``), every term of the
+    output and of the final state ``S_L`` holds ``G_t`` as ``φq_t e^{G_t}`` or ``φk_t e^{-G_t}`` (and
+    ``S_L`` as ``e^{G_L}`` on its rows), so ``∂/∂G_t = φq_t ⊙ dφq_t - φk_t ⊙ dφk_t`` (plus
+    ``Σ_d S_L ⊙ dS_L`` at ``t = L``), and ``dg_i = Σ_{t>=i} ∂/∂G_t``; one gate per token sums the
+    channels, and a per-head decay ``λ`` (``G_t = λ t``) gives ``dλ = Σ_t t ∂/∂G_t``. With the identity
+    map and a factor on the queries, ``φq ⊙ dφq = q ⊙ dq``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, S0, log_decay, log_gates, chunk, feature, feature_dim, q_scale, eps):
+        S = S0.clone(memory_format=torch.contiguous_format)
+        out = _native.linear_chunks(q, k, v, S, log_decay, chunk, log_gates, normalize_eps=eps, feature=feature,
+                                    q_scale=q_scale, feature_dim=feature_dim)
+        ctx.save_for_backward(q, k, v, S0, log_decay, log_gates, S, out if eps is not None else None)
+        ctx.args = (chunk, eps, feature, q_scale, feature_dim)
+        return out, S
+
+    @staticmethod
+    def backward(ctx, dout, dS):
+        q, k, v, S0, lam, g, S, out = ctx.saved_tensors
+        dout = torch.zeros_like(v) if dout is None else dout
+        dq, dk, dv, dS0 = _native.linear_chunks_backward(q, k, v, S0, lam, g, dout, dS, *ctx.args[:1], out,
+                                                         *ctx.args[1:])
+        dlam = dg = None
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            dG = q * dq - k * dk
+            if dS is not None:
+                dG[:, :, -1] += (S * dS).sum(-1)
+            if g is not None:
+                dG = dG.sum(-1, keepdim=True) if g.shape[-1] == 1 else dG
+                dg = dG.flip(2).cumsum(2).flip(2)
+            else:
+                t = torch.arange(1, dG.shape[2] + 1, dtype=dG.dtype, device=dG.device)
+                dlam = (dG.sum(-1) * t).sum((0, 2))
+        return dq, dk, dv, dS0, dlam, dg, None, None, None, None, None
+
+
+def _through_kernels(q, k, v, S, chunk, log_decay, log_gates, feature, q_scale, feature_dim, eps=None):
+    """:class:`Chunks` for a call autograd records: the feature map in PyTorch first where the decay's
+    or the gates' gradient needs the features, the gates broadcast, the decay in the compute dtype."""
+    if feature != "identity" and any(t is not None and t.requires_grad for t in (log_decay, log_gates)):
+        q, k = _mapped(q, k, feature, q_scale, feature_dim)
+        feature, q_scale, feature_dim = "identity", 1.0, 0
+    if log_gates is not None:
+        B, H, L, F = q.shape[:3] + (S.shape[2],)
+        log_gates = log_gates.to(q.dtype).expand(B, H, L, 1 if log_gates.shape[-1] == 1 else F)
+    log_decay = None if log_decay is None else log_decay.to(q.dtype)
+    return Chunks.apply(q, k, v, S, log_decay, log_gates, chunk, feature, feature_dim, q_scale, eps)
+
+
+def _recorded(fq, *tensors) -> bool:
+    """True when autograd records this call and the C++ kernels, forward and backward, serve it (CPU,
+    float32/float64, every tensor in ``fq``'s dtype)."""
+    given = [t for t in (fq,) + tensors if t is not None]
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in given)
+            and all(t.dtype == fq.dtype for t in given[:4])
+            and _native.unsupported(fq.device, fq.dtype, False) is None)
+
+
 def _kernel_state(S: torch.Tensor, fq, *tensors) -> Optional[torch.Tensor]:
     """A contiguous copy of the state for the C++ kernel to update in place, or None when the kernel
     does not serve this call (:func:`attnlab.native.serves` on the inputs, the state in their dtype)."""
@@ -230,10 +301,10 @@ def _mapped(q, k, feature: str, q_scale: float, feature_dim: int):
     return (fq if q_scale == 1.0 else fq * q_scale), feature_map(feature, k, feature_dim)
 
 
-def fused(call) -> bool:
-    """True when :func:`chunked` runs the C++ kernel for this call (CPU, float32/float64 compute, no
-    autograd)."""
-    return _native.unsupported(call.device, compute_dtype(call.dtype), call.requires_grad) is None
+def fused(call, backward: bool = True) -> bool:
+    """True when the C++ kernels run this call (CPU, float32/float64 compute); while autograd records
+    only where they have a backward (``backward``: :func:`chunked`'s has)."""
+    return _native.unsupported(call.device, compute_dtype(call.dtype), call.requires_grad and not backward) is None
 
 
 def _decay_consts(lam: torch.Tensor, C: int):
@@ -357,6 +428,6 @@ def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int 
     return fwd + bwd - diag
 
 
-__all__ = ["ELEMENTWISE", "EXP_RANGE", "FEATURES", "bidirectional", "chunked", "chunked_centred", "chunked_normalized",
+__all__ = ["Chunks", "ELEMENTWISE", "EXP_RANGE", "FEATURES", "bidirectional", "chunked", "chunked_centred", "chunked_normalized",
            "feature_map", "finish", "finish_centred", "fused", "noncausal", "noncausal_fused", "parallel",
            "scan_recurrent", "step", "weights", "with_ones"]

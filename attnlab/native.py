@@ -1,7 +1,7 @@
 """attnlab's C++ CPU kernels (``attnlab/csrc``), built on first use and cached.
 
-Forward-only kernels, each the fused form of mathematics that also exists in PyTorch here (and is
-tested against it):
+Kernels, each the fused form of mathematics that also exists in PyTorch here (and is tested against
+it); forward-only but for ``linear_chunks``, whose backward is ``linear_chunks_backward``:
 
 ``range_attention``  exact softmax attention where every query sees one or a few ranges of keys
                      (sliding windows, 1-D neighborhoods, causal, prefix-LM, documents, sinks
@@ -37,6 +37,7 @@ caller falls back to the PyTorch path; nothing requires it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -44,8 +45,8 @@ from typing import Optional
 
 import torch
 
-_SOURCES = ("bindings.cpp", "ranges.cpp", "boxes.cpp", "linear_chunks.cpp", "memory.cpp", "rat.cpp", "aaren.cpp",
-            "agent.cpp")
+_SOURCES = ("bindings.cpp", "ranges.cpp", "boxes.cpp", "linear_chunks.cpp", "linear_backward.cpp", "memory.cpp",
+            "rat.cpp", "aaren.cpp", "agent.cpp")
 _STATE: dict = {}
 
 #: Code generation per CPU capability torch reports (the kernels' own loops: exponentials,
@@ -93,8 +94,21 @@ def module(verbose: bool = False):
     return _STATE["module"]
 
 
+@contextlib.contextmanager
+def disabled():
+    """Within this block the kernels count as unavailable, so every caller takes its PyTorch path, as
+    ``ATTNLAB_NATIVE=0`` makes them for a whole process: tests compare the two paths."""
+    _STATE["off"] = _STATE.get("off", 0) + 1
+    try:
+        yield
+    finally:
+        _STATE["off"] -= 1
+
+
 def unavailable() -> Optional[str]:
     """None when the kernels can be used, else why not (builds them on first call)."""
+    if _STATE.get("off"):
+        return "turned off by attnlab.native.disabled()"
     try:
         module()
     except RuntimeError as e:
@@ -236,6 +250,20 @@ def linear_chunks(q, k, v, state: torch.Tensor, log_decay: Optional[torch.Tensor
     return module().linear_chunks(q, k, v, state, log_decay, log_gates, int(chunk), eps,
                                   LINEAR_FEATURES.index(feature), int(feature_dim), float(q_scale), vsum, float(cscale),
                                   int(count), bool(reverse), bool(strict), add_to)
+
+
+def linear_chunks_backward(q, k, v, state0: torch.Tensor, log_decay: Optional[torch.Tensor],
+                           log_gates: Optional[torch.Tensor], dout: torch.Tensor, d_state: Optional[torch.Tensor],
+                           chunk: int, out: Optional[torch.Tensor] = None, normalize_eps: Optional[float] = None,
+                           feature: str = "identity", q_scale: float = 1.0, feature_dim: int = 0):
+    """The gradients ``(dq, dk, dv, d_state0)`` of :func:`linear_chunks` (without ``centre``, ``reverse``,
+    ``strict`` or ``add_to``) for the output's gradient ``dout`` and the final state's ``d_state``
+    (None: zero); ``state0`` the initial state; with ``normalize_eps``, ``out`` the forward's output.
+    See :class:`attnlab.linear.Chunks` for the gates' and the decay's."""
+    eps = None if normalize_eps is None else float(normalize_eps)
+    return tuple(module().linear_chunks_backward(q, k, v, state0, log_decay, log_gates, dout, d_state, int(chunk),
+                                                 out, eps, LINEAR_FEATURES.index(feature), int(feature_dim),
+                                                 float(q_scale)))
 
 
 def memory_chunks(q, k, v, ws: list, g: list, coefficients, chunk: int, pos0: int, activation: str) -> torch.Tensor:

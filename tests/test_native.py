@@ -18,6 +18,7 @@ import torch
 
 import attnlab
 from attnlab import linear as K
+from attnlab import conformance as C
 from attnlab import native, reference
 from attnlab.patterns import executor
 
@@ -263,7 +264,7 @@ def test_linear_chunks_map_features_and_scale_queries_themselves(dtype, tol, fea
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_linear_chunks_centred_equal_the_pytorch_form(dtype, tol):
     """InLine's centred finish inside the kernel, continuing a state and a value sum, against the
-    PyTorch path (taken when the inputs require grad)."""
+    PyTorch path."""
     B, H, L, F, Dv, count = 2, 3, 150, 8, 5, 40
     g = torch.Generator().manual_seed(6)
     fq, fk = (torch.randn(B, H, L, F, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
@@ -272,24 +273,111 @@ def test_linear_chunks_centred_equal_the_pytorch_form(dtype, tol):
     vsum0 = torch.randn(B, H, Dv, generator=g, dtype=torch.float64).to(dtype)
     S_before, vsum_before = S0.clone(), vsum0.clone()
     got = K.chunked_centred(fq, fk, v, S0, vsum0, count, chunk=64, scale=0.3)
-    want = K.chunked_centred(fq.clone().requires_grad_(), fk, v, S0, vsum0, count, chunk=64, scale=0.3)
+    with native.disabled():
+        want = K.chunked_centred(fq, fk, v, S0, vsum0, count, chunk=64, scale=0.3)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b.detach(), atol=tol, rtol=tol)
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
     assert torch.equal(vsum0, vsum_before) and torch.equal(S0, S_before)  # the caller's tensors are not updated
 
 
-def test_chunked_form_uses_the_kernel_only_without_autograd():
-    q, k, v = _qkv(1, 2, 2, 96, 96, 16, 16, torch.float32)
-    m = attnlab.mechanism("lightning")
-    call = m.prepare(q, k, v, causal=True)
-    assert K.fused(call)
-    grad_call = m.prepare(q.requires_grad_(), k, v, causal=True)
-    assert not K.fused(grad_call)
-    out = m(q, k, v, causal=True, impl="chunked")  # Python path (q requires grad): differentiable
-    out.sum().backward()
-    with torch.no_grad():
-        fast = m(q, k, v, causal=True, impl="chunked")
-    torch.testing.assert_close(fast, out.detach(), atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("name", ["lightning", "linear", "gla", "based", "inline", "retention"])
+def test_chunked_form_trains_through_the_kernels(name):
+    """With autograd recording, the causal chunked form runs the C++ kernels forward and backward
+    (whole calls, not spans) and equals the PyTorch path, output and every gradient (parameters too)."""
+    m = attnlab.mechanism(name)
+    ex = C.examples(m)[0]
+    x = C.example_inputs(m, ex, "causal_self", dtype=torch.float32)
+    params = {n: (t.detach().clone().requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                  else t) for n, t in x.params.items()}
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x.q, x.k, x.v)]
+    assert K.fused(m.prepare(*leaves, causal=True, **params))
+    trained = [t for t in leaves + list(params.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+    G = torch.randn(x.q.shape[:3] + (x.v.shape[-1],), generator=torch.Generator().manual_seed(3))
+
+    def run():
+        out = m(*leaves, causal=True, impl="chunked", **params)
+        return [out] + list(torch.autograd.grad((out * G).sum(), trained))
+
+    fast = run()
+    with native.disabled():
+        assert not K.fused(m.prepare(*leaves, causal=True, **params))
+        slow = run()
+    _close(fast, slow, 2e-4)
+
+
+def _grads_both_paths(fn, leaves, outs_grads):
+    """``fn(*leaves)`` and its gradients for ``Σ out * grad`` over its outputs, on the kernels and with
+    them turned off (the PyTorch path)."""
+    def run():
+        outs = fn(*leaves)
+        loss = sum((o * g).sum() for o, g in zip(outs, outs_grads))
+        return list(outs) + list(torch.autograd.grad(loss, leaves))
+
+    fast = run()
+    with native.disabled():
+        slow = run()
+    return fast, slow
+
+
+def _close(fast, slow, tol):
+    """Equal within ``tol`` relative to each tensor's largest entry (a decay's gradient sums many
+    weighted terms of both signs: float32 rounding shows against its scale, not its value)."""
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=tol * max(1.0, float(b.detach().abs().max())), rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("decay", ["none", "head", "token_gates", "gates", "strong_gates"])
+@pytest.mark.parametrize("L,chunk", [(150, 16), (64, 64), (7, 16)])
+def test_linear_chunks_backward_equals_autograd_of_the_pytorch_path(dtype, tol, decay, L, chunk):
+    """:class:`attnlab.linear.Chunks`' backward kernel: dq, dk, dv, the initial state's, the decay's and
+    the gates' gradients, for a loss on the output and on the final state, against autograd through
+    the PyTorch chunked form; a remainder chunk, one chunk, less than one; gates strong enough to take
+    the pair-by-pair path in some chunks."""
+    B, H, F, Dv = 2, 3, 8, 5
+    g = torch.Generator().manual_seed(7)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    leaves = [0.5 * rnd(B, H, L, F), 0.5 * rnd(B, H, L, F), rnd(B, H, L, Dv), rnd(B, H, F, Dv)]
+    if decay == "head":
+        leaves.append(-0.3 * torch.rand(H, generator=g, dtype=torch.float64).to(dtype))
+    elif decay != "none":
+        cols, size = (1, 0.3) if decay == "token_gates" else (F, 0.3 if decay == "gates" else 20.0)
+        leaves.append(-size * torch.rand(B, H, L, cols, generator=g, dtype=torch.float64).to(dtype))
+    leaves = [t.requires_grad_() for t in leaves]
+
+    def fn(q, k, v, S0, *extra):
+        lam = extra[0] if decay == "head" else None
+        gates = extra[0] if extra and decay != "head" else None
+        return K.chunked(q, k, v, S0, chunk=chunk, log_decay=lam, log_gates=gates)
+
+    _close(*_grads_both_paths(fn, leaves, [rnd(B, H, L, Dv), rnd(B, H, F, Dv)]), tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("feature", K.FEATURES)
+@pytest.mark.parametrize("decay", ["none", "fixed", "learned"])
+def test_linear_chunks_backward_through_feature_map_and_normalizer(dtype, tol, feature, decay):
+    """The backward kernel maps the features and divides by the normalizer itself: gradients w.r.t. the
+    raw q, k (Taylor of the first 3 of 8 channels), v and the initial state (with its normalizer
+    column); a per-head decay that needs a gradient takes the features mapped in PyTorch."""
+    B, H, L, D, Dv, d = 2, 3, 150, 8, 5, 3
+    F = 1 + d + d * d if feature == "taylor" else D
+    g = torch.Generator().manual_seed(8)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    leaves = [rnd(B, H, L, D), rnd(B, H, L, D), rnd(B, H, L, Dv), rnd(B, H, F, Dv + 1).abs()]
+    if decay != "none":
+        leaves.append(-0.3 * torch.rand(H, generator=g, dtype=torch.float64).to(dtype))
+    for t in leaves[:4] + leaves[4:] * (decay == "learned"):
+        t.requires_grad_()
+    scale = 1.0 if feature in ("elu+1", "taylor") else 0.6  # positive features: a safe normalizer
+
+    def fn(q, k, v, S0, *lam):
+        return K.chunked_normalized(q, k, v, S0, chunk=16, log_decay=lam[0] if lam else None, normalize=True,
+                                    eps=1e-3, feature=feature, q_scale=scale, feature_dim=d)
+
+    trained = [t for t in leaves if t.requires_grad]
+    _close(*_grads_both_paths(lambda *ts: fn(*ts, *leaves[4:] * (decay == "fixed")), trained,
+                              [rnd(B, H, L, Dv), rnd(B, H, F, Dv + 1)]), tol)
 
 
 def test_native_impl_listed():

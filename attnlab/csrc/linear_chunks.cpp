@@ -30,6 +30,7 @@
 // applied chunk by chunk as the chunk is read, so the caller passes q and k as they are: mapping
 // them first would be two more passes over L x F floats in memory. Gates of shape
 // (B, H, L, 1) (one per token, shared by the channels) are read as they are too.
+#include "linear.h"
 #include "native.h"
 #include "simd.h"
 #include <ATen/Parallel.h>
@@ -40,59 +41,6 @@
 #include <vector>
 
 namespace {
-
-// Features per row of Din channels for `feature` (Taylor: 1 + d + d^2 of the first d = taylor_dim),
-// after checking taylor_dim.
-int64_t feature_count(int64_t feature, int64_t taylor_dim, int64_t Din) {
-  TORCH_CHECK(feature >= 0 && feature <= 3, "feature: 0 (identity), 1 (elu+1), 2 (relu) or 3 (Taylor)");
-  TORCH_CHECK(feature != 3 || (taylor_dim >= 1 && taylor_dim <= Din), "taylor_dim must be in 1..", Din);
-  return feature == 3 ? 1 + taylor_dim + taylor_dim * taylor_dim : Din;
-}
-
-// The normalizer column of a state S (F rows of Ds = Dv + 1): S[f][Dv] += sum of row f of kt (F x n).
-template <typename T>
-void add_key_sums(const T* kt, int64_t F, int64_t n, T* S, int64_t Ds, int64_t Dv) {
-  for (int64_t f = 0; f < F; ++f) {
-    T z = 0;
-    for (int64_t t = 0; t < n; ++t) z += kt[f * n + t];
-    S[f * Ds + Dv] += z;
-  }
-}
-
-// dst (rows x F) = factor * phi(src (rows x Din)); phi by `feature` (0 identity, 1 elu + 1, 2 relu:
-// F = Din; 3 Taylor of the first d channels: F = 1 + d + d^2).
-template <typename T>
-void feature_map(const T* src, int64_t rows, int64_t Din, int64_t F, int feature, int64_t d, T factor, T* dst) {
-  if (feature == 3) {
-    const T c1 = factor * T(std::pow(double(d), -0.25)), c2 = factor / T(std::sqrt(2.0 * double(d)));
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* x = src + r * Din;
-      T* y = dst + r * F;
-      y[0] = factor;
-      for (int64_t i = 0; i < d; ++i) y[1 + i] = c1 * x[i];
-      for (int64_t i = 0; i < d; ++i)
-        for (int64_t j = 0; j < d; ++j) y[1 + d + i * d + j] = c2 * x[i] * x[j];
-    }
-    return;
-  }
-  // elementwise, a vector of lanes at a time (NaN inputs stay NaN); elu + 1: x + 1 above 0, exp(x) below
-  using V = typename attnlab::Vec<T>::V;
-  constexpr int L = attnlab::LANES<T>;
-  const int64_t count = rows * F;
-  auto one = [&](T a) {
-    const T y = feature == 1 ? (a > 0 ? a + T(1) : std::exp(a)) : feature == 2 ? std::max(a, T(0)) : a;
-    return factor * (attnlab::is_nan(a) ? a : y);
-  };
-  int64_t x = 0;
-  for (; x + L <= count; x += L) {
-    const V a = attnlab::load<T>(src + x), zero = V{};
-    V y = a;
-    if (feature == 1) y = a > zero ? a + T(1) : attnlab::exp_nonpositive(a > zero ? zero : a);
-    if (feature == 2) y = a > zero ? a : zero;
-    attnlab::store<T>(dst + x, factor * attnlab::keep_nan<T>(a, y));
-  }
-  for (; x < count; ++x) dst[x] = one(src[x]);
-}
 
 // row[s] = exp(G[t] - G[s]) for s <= t, else 0 (s < n; G non-increasing: every exponent <= 0), a
 // vector of lanes at a time; writes up to a vector past n (the next row's first lanes, or spare).
@@ -156,11 +104,11 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
           if (gc) gc = flip(gc, gate_cols, rg);
         }
         if (map_q) {
-          feature_map(qc, n, Din, F, feature, taylor_dim, q_scale, qm.data());
+          attnlab::feature_map(qc, n, Din, F, feature, taylor_dim, q_scale, qm.data());
           qc = qm.data();
         }
         if (map_k) {
-          feature_map(kc, n, Din, F, feature, taylor_dim, T(1), km.data());
+          attnlab::feature_map(kc, n, Din, F, feature, taylor_dim, T(1), km.data());
           kc = km.data();
         }
         T* oc = ro.empty() ? out + (bh * L + c0) * Dv : ro.data();
@@ -248,7 +196,7 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
           if (across != T(1))
             for (int64_t d = 0; d < Ds; ++d) S[f * Ds + d] *= across;
         }
-        if (normalize) add_key_sums(kt.data(), F, n, S, Ds, Dv);
+        if (normalize) attnlab::add_key_sums(kt.data(), F, n, S, Ds, Dv);
         attnlab::gemm(F, Dv, n, kt.data(), n, vc, Dv, true, S, Ds);
         if (!ro.empty())  // the output rows land (in reverse order when reading backwards), added or written
           for (int64_t t = 0; t < n; ++t) {
@@ -285,14 +233,14 @@ void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t L
         std::fill(qbar.begin(), qbar.end(), T(0));
         for (int64_t c0 = 0; c0 < Lq; c0 += C) {
           const int64_t n = std::min(C, Lq - c0);
-          feature_map(q + (bh * Lq + c0) * Din, n, Din, F, feature, taylor_dim, rala_scale / T(Lq), mapped.data());
+          attnlab::feature_map(q + (bh * Lq + c0) * Din, n, Din, F, feature, taylor_dim, rala_scale / T(Lq), mapped.data());
           for (int64_t t = 0; t < n; ++t)
             for (int64_t f = 0; f < F; ++f) qbar[f] += mapped[t * F + f];
         }
       }
       for (int64_t c0 = 0; c0 < Lk; c0 += C) {
         const int64_t n = std::min(C, Lk - c0);
-        feature_map(k + (bh * Lk + c0) * Din, n, Din, F, feature, taylor_dim, T(1), mapped.data());
+        attnlab::feature_map(k + (bh * Lk + c0) * Din, n, Din, F, feature, taylor_dim, T(1), mapped.data());
         if (rala) {
           T mx = -std::numeric_limits<T>::max();
           for (int64_t t = 0; t < n; ++t) {
@@ -315,11 +263,11 @@ void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t L
         }
         attnlab::transpose(mapped.data(), n, F, kt.data(), n);
         attnlab::gemm(F, Dv, n, kt.data(), n, v + (bh * Lk + c0) * Dv, Dv, true, S.data(), Ds);
-        if (normalize) add_key_sums(kt.data(), F, n, S.data(), Ds, Dv);
+        if (normalize) attnlab::add_key_sums(kt.data(), F, n, S.data(), Ds, Dv);
       }
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {
         const int64_t n = std::min(C, Lq - c0);
-        feature_map(q + (bh * Lq + c0) * Din, n, Din, F, feature, taylor_dim, q_scale, mapped.data());
+        attnlab::feature_map(q + (bh * Lq + c0) * Din, n, Din, F, feature, taylor_dim, q_scale, mapped.data());
         T* oc = out + (bh * Lq + c0) * Dv;
         attnlab::gemm(n, Dv, F, mapped.data(), F, S.data(), Ds, false, oc, Dv);
         if (normalize)
@@ -340,7 +288,7 @@ void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t L
 // phi(x) of rows of Din channels (x: (..., Din) -> (..., F)), by `feature` as linear_chunks applies it.
 torch::Tensor map_features(torch::Tensor x, int64_t feature, int64_t taylor_dim) {
   TORCH_CHECK(x.dim() >= 1, "x must be (..., Din)");
-  const int64_t Din = x.size(-1), F = feature_count(feature, taylor_dim, Din);
+  const int64_t Din = x.size(-1), F = attnlab::feature_count(feature, taylor_dim, Din);
   const int64_t rows = x.numel() / std::max<int64_t>(Din, 1);
   x = x.contiguous();
   auto sizes = x.sizes().vec();
@@ -351,7 +299,7 @@ torch::Tensor map_features(torch::Tensor x, int64_t feature, int64_t taylor_dim)
     const T* src = x.data_ptr<T>();
     T* dst = out.data_ptr<T>();
     at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t stop) {
-      feature_map(src + begin * Din, stop - begin, Din, F, static_cast<int>(feature), taylor_dim, T(1),
+      attnlab::feature_map(src + begin * Din, stop - begin, Din, F, static_cast<int>(feature), taylor_dim, T(1),
                   dst + begin * F);
     });
   });
@@ -372,7 +320,7 @@ torch::Tensor linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Din = q.size(3), Lk = k.size(2), Dv = v.size(3);
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Din && v.size(0) == B && v.size(1) == H &&
                   v.size(2) == Lk, "k, v shapes do not match q");
-  const int64_t F = feature_count(feature, taylor_dim, Din);
+  const int64_t F = attnlab::feature_count(feature, taylor_dim, Din);
   q = q.contiguous();
   k = k.contiguous();
   v = v.contiguous();
@@ -410,7 +358,7 @@ torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
   k = k.contiguous();
   v = v.contiguous();
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), Din = q.size(3), Dv = v.size(3);
-  const int64_t F = feature_count(feature, taylor_dim, Din);
+  const int64_t F = attnlab::feature_count(feature, taylor_dim, Din);
   TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == L, "v must be (B, H, L, Dv)");
   const bool centred = centre.has_value() && centre->defined();
   const bool normalize = normalize_eps.has_value() || centred;

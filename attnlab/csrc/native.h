@@ -1,4 +1,4 @@
-// attnlab's CPU kernels (forward only): declarations shared by the kernels and the bindings.
+// attnlab's CPU kernels (forward; linear_chunks also backward): declarations shared by the kernels and the bindings.
 #pragma once
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
@@ -34,6 +34,13 @@ torch::Tensor aaren_scan(torch::Tensor query, torch::Tensor k, torch::Tensor v, 
 std::tuple<torch::Tensor, bool> agent_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor agents,
                                              torch::Tensor r, torch::Tensor Z, torch::Tensor U, double scale,
                                              int64_t chunk);
+
+std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                  torch::Tensor state0, c10::optional<torch::Tensor> log_decay,
+                                                  c10::optional<torch::Tensor> log_gates, torch::Tensor dout,
+                                                  c10::optional<torch::Tensor> d_state, int64_t chunk,
+                                                  c10::optional<torch::Tensor> out, c10::optional<double> normalize_eps,
+                                                  int64_t feature, int64_t taylor_dim, double q_scale);
 
 torch::Tensor linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t chunk,
                                c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,

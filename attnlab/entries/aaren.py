@@ -57,7 +57,7 @@ import torch
 from .. import native as _native
 from .. import reference as R
 from ..catalogue import Call, Implementation, Mechanism, register
-from ..linear import fused
+from ..linear import fused as _fused_linear
 from ..recurrent import CHUNK_SIZE, OFFSETS, Recurrence, State, check_offsets, run_form
 
 NAME = "aaren"
@@ -285,7 +285,8 @@ register(Mechanism(
     examples=({"chunk_size": 5}, {}),
     reference_impl="parallel",
     recurrence=Recurrence(parallel=_parallel, chunked=_chunked, step=_step, init=_init, state_size=_state_size,
-                          noncausal_recurrent=_noncausal_recurrent, fused=fused),
+                          noncausal_recurrent=_noncausal_recurrent,
+                          fused=lambda call: _fused_linear(call, backward=False)),
     flops=_flops,
     complexity={"time": "O(L (d + d_v)) work on the C++ kernel (the RNN); the parallel prefix scan: O(L d + L d_v "
                         "log C + (L/C) d_v log(L/C)) work, O(log L) depth",

@@ -59,7 +59,7 @@ import torch
 from .. import native as _native
 from .. import reference as R
 from ..catalogue import Call, Mechanism, Param, register
-from ..linear import fused
+from ..linear import fused as _fused_linear
 from ..recurrent import OFFSETS, Recurrence, State, check_offsets, check_per_token, forms, within
 from .aaren import prefix_scan
 
@@ -366,7 +366,8 @@ register(Mechanism(
               {"chunk": 5, "gates": _example_gates("shared")}),
     reference_impl="parallel",
     recurrence=Recurrence(parallel=_parallel, chunked=_chunked, step=_step, init=_init, state_size=_state_size,
-                          noncausal_recurrent=_noncausal_recurrent, fused=fused),
+                          noncausal_recurrent=_noncausal_recurrent,
+                          fused=lambda call: _fused_linear(call, backward=False)),
     flops=_flops,
     complexity={"time": "O(L^2/C d + L d) (the PyTorch path's parallel scan: + L d log C)", "memory": "O(L d)",
                 "state": "O(L/C d)"},

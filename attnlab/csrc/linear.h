@@ -1,0 +1,96 @@
+// Shared by attnlab's linear kernels (linear_chunks.cpp, linear_backward.cpp): the feature maps
+// (attnlab/linear.py's feature_map), applied row by row as a chunk is read, their backward, and the
+// normalizer column of a state.
+#pragma once
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "simd.h"
+
+namespace attnlab {
+
+// Features per row of Din channels for `feature` (Taylor: 1 + d + d^2 of the first d = taylor_dim),
+// after checking taylor_dim.
+inline int64_t feature_count(int64_t feature, int64_t taylor_dim, int64_t Din) {
+  TORCH_CHECK(feature >= 0 && feature <= 3, "feature: 0 (identity), 1 (elu+1), 2 (relu) or 3 (Taylor)");
+  TORCH_CHECK(feature != 3 || (taylor_dim >= 1 && taylor_dim <= Din), "taylor_dim must be in 1..", Din);
+  return feature == 3 ? 1 + taylor_dim + taylor_dim * taylor_dim : Din;
+}
+
+// dst (rows x F) = factor * phi(src (rows x Din)); phi by `feature` (0 identity, 1 elu + 1, 2 relu:
+// F = Din; 3 Taylor of the first d channels: F = 1 + d + d^2).
+template <typename T>
+void feature_map(const T* src, int64_t rows, int64_t Din, int64_t F, int feature, int64_t d, T factor, T* dst) {
+  if (feature == 3) {
+    const T c1 = factor * T(std::pow(double(d), -0.25)), c2 = factor / T(std::sqrt(2.0 * double(d)));
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* x = src + r * Din;
+      T* y = dst + r * F;
+      y[0] = factor;
+      for (int64_t i = 0; i < d; ++i) y[1 + i] = c1 * x[i];
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < d; ++j) y[1 + d + i * d + j] = c2 * x[i] * x[j];
+    }
+    return;
+  }
+  // elementwise, a vector of lanes at a time (NaN inputs stay NaN); elu + 1: x + 1 above 0, exp(x) below
+  using V = typename Vec<T>::V;
+  constexpr int L = LANES<T>;
+  const int64_t count = rows * F;
+  auto one = [&](T a) {
+    const T y = feature == 1 ? (a > 0 ? a + T(1) : std::exp(a)) : feature == 2 ? std::max(a, T(0)) : a;
+    return factor * (is_nan(a) ? a : y);
+  };
+  int64_t x = 0;
+  for (; x + L <= count; x += L) {
+    const V a = load<T>(src + x), zero = V{};
+    V y = a;
+    if (feature == 1) y = a > zero ? a + T(1) : exp_nonpositive(a > zero ? zero : a);
+    if (feature == 2) y = a > zero ? a : zero;
+    store<T>(dst + x, factor * keep_nan<T>(a, y));
+  }
+  for (; x < count; ++x) dst[x] = one(src[x]);
+}
+
+// dx (rows x Din) = the gradient through dst = factor * phi(src) for dy (rows x F), by `feature` as
+// feature_map: elementwise, factor * dy * phi'(x) (elu + 1: 1 above 0, exp(x) below; relu: 1 above
+// 0); Taylor: factor * (dy[1 + i] / d^(1/4) + sum_j (dy[ij] + dy[ji]) x_j / (sqrt 2 sqrt d)) for the
+// first d channels, 0 for the others.
+template <typename T>
+void feature_grad(const T* src, const T* dy, int64_t rows, int64_t Din, int64_t F, int feature, int64_t d, T factor,
+                  T* dx) {
+  if (feature == 3) {
+    const T c1 = factor * T(std::pow(double(d), -0.25)), c2 = factor / T(std::sqrt(2.0 * double(d)));
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* x = src + r * Din;
+      const T* g = dy + r * F;
+      T* o = dx + r * Din;
+      std::fill(o, o + Din, T(0));
+      for (int64_t i = 0; i < d; ++i) {
+        T acc = 0;
+        for (int64_t j = 0; j < d; ++j) acc += (g[1 + d + i * d + j] + g[1 + d + j * d + i]) * x[j];
+        o[i] = c1 * g[1 + i] + c2 * acc;
+      }
+    }
+    return;
+  }
+  for (int64_t x = 0; x < rows * F; ++x) {
+    const T a = src[x];
+    const T slope = feature == 1 ? (a > 0 ? T(1) : std::exp(a)) : feature == 2 ? (a > 0 ? T(1) : T(0)) : T(1);
+    dx[x] = factor * dy[x] * slope;
+  }
+}
+
+// The normalizer column of a state S (F rows of Ds = Dv + 1): S[f][Dv] += sum of row f of kt (F x n).
+template <typename T>
+void add_key_sums(const T* kt, int64_t F, int64_t n, T* S, int64_t Ds, int64_t Dv) {
+  for (int64_t f = 0; f < F; ++f) {
+    T z = 0;
+    for (int64_t t = 0; t < n; ++t) z += kt[f * n + t];
+    S[f * Ds + Dv] += z;
+  }
+}
+
+}  // namespace attnlab

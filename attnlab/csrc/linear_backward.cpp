@@ -1,0 +1,329 @@
+// Backward of the causal chunked linear form (linear_chunks on raw features: no feature map, no
+// normalizer; attnlab/linear.py maps the features and divides by the normalizer column in PyTorch
+// around it). Per (batch, head), one sweep recomputes the state before every chunk (one GEMM per
+// chunk, the states kept: L/C x F x Dv floats), then the chunks are walked backwards with the
+// state's gradient dS' (of the state after the chunk) in cache.
+//
+// Per chunk, with the forward's tables (attnlab/csrc/linear_chunks.cpp): Q' = Q * QF and
+// K' = K * KF (the queries as they read the state, the keys as they enter it), `across` (per row
+// of the state) and the masked intra-chunk scores A (n x n):
+//   forward    O = A V + Q' S,   S_next = across * S + K'^T V
+//   backward   dV = A^T dO + K' dS'
+//              M  = tril(dO V^T) (times the decay weights W where A = (Q K^T) * W)
+//              dQ = d(intra)/dQ + (dO S^T) * QF,   dK = d(intra)/dK + (V dS'^T) * KF
+//              dS = across * dS' + Q'^T dO
+// where the intra-chunk terms are, by the forward's three ways of weighting a pair:
+//   per-head decay or one gate per token (W): M K and M^T Q;
+//   per-channel gates in range (A = tril((Q e^G) (K e^-G)^T)): (M (K e^-G)) e^G and (M^T (Q e^G)) e^-G;
+//   per-channel gates beyond it: pair by pair, sum_s M_ts K_sf e^(G_tf - G_sf) and its transpose.
+// The gates' own gradient follows from dQ and dK (attnlab/linear.py): the cumulative log gate G_t
+// enters as q_t e^G_t and k_t e^-G_t only, so dG_t = q_t dq_t - k_t dk_t (plus the final state's
+// term at the last token), summed backwards over t.
+#include "linear.h"
+#include "native.h"
+#include "simd.h"
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// o (n x Dv) = s (n x n, upper triangular: the transpose of causal_scores' lower form) . x (n x Dv);
+// the zero block (rows [h, n), columns [0, h)) skipped.
+template <typename T>
+void anticausal_values(int64_t n, int64_t Dv, const T* s, const T* x, T* o) {
+  const int64_t h = attnlab::split(n);
+  attnlab::gemm(h, Dv, n, s, n, x, Dv, false, o, Dv);
+  if (h < n) attnlab::gemm(n - h, Dv, n - h, s + h * n + h, n, x + h * Dv, Dv, false, o + h * Dv, Dv);
+}
+
+// One chunk's weighting of pairs and of the state, as the forward builds it.
+template <typename T>
+struct Tables {
+  int mode = 0;  // 0: W (no decay, per-head decay, one gate per token); 1: per-channel gates, one GEMM; 2: pair by pair
+  std::vector<T> w, G, QF, KF, across, gt;
+  int64_t built = -1;  // mode 0 with a per-head decay: the chunk length w was built for
+  Tables(int64_t C, int64_t F) : w(C * C), G(C * F), QF(C * F), KF(C * F), across(F), gt(C) {}
+
+  // gc: the chunk's gates (n x cols) or null; l: the per-head log decay (0: none)
+  void build(const T* gc, int64_t cols, T l, int64_t n, int64_t F) {
+    if (gc && cols > 1) {
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t f = 0; f < F; ++f) G[t * F + f] = gc[t * F + f] + (t ? G[(t - 1) * F + f] : T(0));
+      const T* last = G.data() + (n - 1) * F;
+      mode = -*std::min_element(last, last + F) < attnlab::kRange<T> ? 1 : 2;
+      for (int64_t x = 0; x < n * F; ++x) {
+        QF[x] = std::exp(G[x]);
+        KF[x] = std::exp(last[x % F] - G[x]);
+      }
+      for (int64_t f = 0; f < F; ++f) across[f] = std::exp(last[f]);
+      return;
+    }
+    mode = 0;
+    if (!gc && n == built) return;
+    if (gc)
+      for (int64_t t = 0; t < n; ++t) gt[t] = gc[t] + (t ? gt[t - 1] : T(0));
+    auto cum = [&](int64_t t) { return gc ? gt[t] : l * T(t + 1); };  // inclusive log decay up to t
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t s = 0; s < n; ++s) w[t * n + s] = s <= t ? std::exp(cum(t) - cum(s)) : T(0);
+      const T qf = std::exp(cum(t)), kf = std::exp(cum(n - 1) - cum(t));
+      std::fill(QF.data() + t * F, QF.data() + (t + 1) * F, qf);
+      std::fill(KF.data() + t * F, KF.data() + (t + 1) * F, kf);
+    }
+    std::fill(across.begin(), across.end(), std::exp(cum(n - 1)));
+    built = gc ? -1 : n;
+  }
+};
+
+template <typename T>
+void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, int64_t cols, const T* S0,
+              const T* dout, const T* out, const T* dSL, T* dq, T* dk, T* dv, T* dS0, int64_t BH, int64_t H, int64_t L,
+              int64_t Din, int64_t F, int64_t Dv, int64_t C, int feature, int64_t taylor_dim, T q_scale, bool normalize,
+              T eps) {
+  const int64_t m = (L + C - 1) / C, Ds = Dv + (normalize ? 1 : 0);  // state rows: Dv values, then z
+  const bool map_q = feature != 0 || q_scale != T(1), map_k = feature != 0;
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
+    Tables<T> tab(C, F);
+    std::vector<T> states(std::max<int64_t>(m, 1) * F * Ds), dS(F * Ds), St(Dv * F), dSt(Dv * F), qr(C * F),
+        qrt(F * C), kr(C * F), krt(F * C), kt(F * C), vt(Dv * C), A(C * C), At(C * C), M(C * C), Mt(C * C),
+        qa(C * F), ka(C * F), intra(C * F), inter(C * F), qm, km, dqm, dkm, dn, dd, den;
+    if (map_q) qm.resize(C * F), dqm.resize(C * F);
+    if (map_k) km.resize(C * F), dkm.resize(C * F);
+    if (normalize) dn.resize(C * Dv), dd.resize(C), den.resize(C);
+    // the chunk's features: q, k as they are, or mapped (q times q_scale) into qm, km
+    auto features = [&](const T* qc, const T* kc, int64_t n, const T** fq, const T** fk) {
+      if (map_q) attnlab::feature_map(qc, n, Din, F, feature, taylor_dim, q_scale, qm.data());
+      if (map_k) attnlab::feature_map(kc, n, Din, F, feature, taylor_dim, T(1), km.data());
+      *fq = map_q ? qm.data() : qc;
+      *fk = map_k ? km.data() : kc;
+    };
+    for (int64_t bh = begin; bh < stop; ++bh) {
+      const T l = lam ? lam[bh % H] : T(0);
+      const T* qh = q + bh * L * Din;
+      const T* kh = k + bh * L * Din;
+      const T* vh = v + bh * L * Dv;
+      const T* gh = gates ? gates + bh * L * cols : nullptr;
+      tab.built = -1;
+      // the states before each chunk
+      std::copy(S0 + bh * F * Ds, S0 + (bh + 1) * F * Ds, states.data());
+      for (int64_t c = 0; c + 1 < m; ++c) {
+        const int64_t c0 = c * C, n = std::min(C, L - c0);
+        const T* fk = kh + c0 * Din;
+        if (map_k) {
+          attnlab::feature_map(fk, n, Din, F, feature, taylor_dim, T(1), km.data());
+          fk = km.data();
+        }
+        tab.build(gh ? gh + c0 * cols : nullptr, cols, l, n, F);
+        const T* S = states.data() + c * F * Ds;
+        T* Sn = states.data() + (c + 1) * F * Ds;
+        for (int64_t f = 0; f < F; ++f)
+          for (int64_t d = 0; d < Ds; ++d) Sn[f * Ds + d] = tab.across[f] * S[f * Ds + d];
+        for (int64_t s = 0; s < n; ++s)
+          for (int64_t f = 0; f < F; ++f) krt[f * n + s] = fk[s * F + f] * tab.KF[s * F + f];
+        attnlab::gemm(F, Dv, n, krt.data(), n, vh + c0 * Dv, Dv, true, Sn, Ds);
+        if (normalize) attnlab::add_key_sums(krt.data(), F, n, Sn, Ds, Dv);
+      }
+      if (dSL)
+        std::copy(dSL + bh * F * Ds, dSL + (bh + 1) * F * Ds, dS.data());
+      else
+        std::fill(dS.begin(), dS.end(), T(0));
+      tab.built = -1;
+      for (int64_t c = m - 1; c >= 0; --c) {
+        const int64_t c0 = c * C, n = std::min(C, L - c0);
+        const T *qc, *kc;
+        features(qh + c0 * Din, kh + c0 * Din, n, &qc, &kc);
+        const T* vc = vh + c0 * Dv;
+        const T* doc = dout + (bh * L + c0) * Dv;
+        T* dqc = map_q ? dqm.data() : dq + (bh * L + c0) * F;
+        T* dkc = map_k ? dkm.data() : dk + (bh * L + c0) * F;
+        T* dvc = dv + (bh * L + c0) * Dv;
+        const T* S = states.data() + c * F * Ds;
+        tab.build(gh ? gh + c0 * cols : nullptr, cols, l, n, F);
+        const int mode = tab.mode;
+        for (int64_t x = 0; x < n * F; ++x) {
+          qr[x] = qc[x] * tab.QF[x];
+          kr[x] = kc[x] * tab.KF[x];
+        }
+        attnlab::transpose(qr.data(), n, F, qrt.data(), n);
+        attnlab::transpose(vc, n, Dv, vt.data(), n);
+        // the operands of the intra-chunk scores: A = qa ka^T
+        const T* qa_ = qc;
+        const T* ka_ = kc;
+        if (mode == 1) {
+          for (int64_t x = 0; x < n * F; ++x) ka[x] = kc[x] * std::exp(-tab.G[x]);
+          qa_ = qr.data();
+          ka_ = ka.data();
+        }
+        if (mode == 2) {
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t s = 0; s < n; ++s) {
+              T acc = 0;
+              if (s <= t)
+                for (int64_t f = 0; f < F; ++f)
+                  acc += qc[t * F + f] * kc[s * F + f] * std::exp(tab.G[t * F + f] - tab.G[s * F + f]);
+              A[t * n + s] = acc;
+            }
+        } else {
+          attnlab::transpose(ka_, n, F, kt.data(), n);
+          attnlab::causal_scores(n, F, qa_, kt.data(), A.data());
+          if (mode == 0)
+            for (int64_t x = 0; x < n * n; ++x) A[x] *= tab.w[x];
+          else
+            for (int64_t t = 0; t < n; ++t) std::fill(A.data() + t * n + t + 1, A.data() + (t + 1) * n, T(0));
+        }
+        if (normalize) {  // out = num / (den + eps): the gradients of num (dn) and den (dd)
+          const T* oc = out + (bh * L + c0) * Dv;
+          for (int64_t t = 0; t < n; ++t) {
+            T d = 0, dot = 0;
+            for (int64_t s = 0; s <= t; ++s) d += A[t * n + s];
+            for (int64_t f = 0; f < F; ++f) d += qr[t * F + f] * S[f * Ds + Dv];
+            const T inv = T(1) / (d + eps);
+            for (int64_t x = 0; x < Dv; ++x) {
+              dn[t * Dv + x] = doc[t * Dv + x] * inv;
+              dot += doc[t * Dv + x] * oc[x + t * Dv];
+            }
+            dd[t] = -dot * inv;
+          }
+          doc = dn.data();
+        }
+        // dV = A^T dO + K' dS'
+        attnlab::transpose(A.data(), n, n, At.data(), n);
+        anticausal_values(n, Dv, At.data(), doc, dvc);
+        attnlab::gemm(n, Dv, F, kr.data(), F, dS.data(), Ds, true, dvc, Dv);
+        // M = tril(dO V^T + dd 1^T) (* W)
+        attnlab::causal_scores(n, Dv, doc, vt.data(), M.data());
+        if (normalize)
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t s = 0; s <= t; ++s) M[t * n + s] += dd[t];
+        if (mode == 0)
+          for (int64_t x = 0; x < n * n; ++x) M[x] *= tab.w[x];
+        else
+          for (int64_t t = 0; t < n; ++t) std::fill(M.data() + t * n + t + 1, M.data() + (t + 1) * n, T(0));
+        attnlab::transpose(M.data(), n, n, Mt.data(), n);
+        // dQ = intra + (dO S^T + dd z^T) * QF
+        for (int64_t f = 0; f < F; ++f)
+          for (int64_t d = 0; d < Dv; ++d) St[d * F + f] = S[f * Ds + d];
+        attnlab::gemm(n, F, Dv, doc, Dv, St.data(), F, false, inter.data(), F);
+        if (normalize)
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t f = 0; f < F; ++f) inter[t * F + f] += dd[t] * S[f * Ds + Dv];
+        if (mode == 2) {
+          std::fill(intra.begin(), intra.begin() + n * F, T(0));
+          std::fill(qa.begin(), qa.begin() + n * F, T(0));  // dK's intra term
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t s = 0; s <= t; ++s) {
+              const T mts = M[t * n + s];
+              for (int64_t f = 0; f < F; ++f) {
+                const T e = mts * std::exp(tab.G[t * F + f] - tab.G[s * F + f]);
+                intra[t * F + f] += e * kc[s * F + f];
+                qa[s * F + f] += e * qc[t * F + f];
+              }
+            }
+        } else {
+          attnlab::causal_values(n, F, M.data(), ka_, intra.data());
+        }
+        for (int64_t x = 0; x < n * F; ++x)
+          dqc[x] = (mode == 1 ? intra[x] * tab.QF[x] : intra[x]) + inter[x] * tab.QF[x];
+        // dK = intra + (V dS'^T + 1 dz^T) * KF
+        for (int64_t f = 0; f < F; ++f)
+          for (int64_t d = 0; d < Dv; ++d) dSt[d * F + f] = dS[f * Ds + d];
+        attnlab::gemm(n, F, Dv, vc, Dv, dSt.data(), F, false, inter.data(), F);
+        if (normalize)
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t f = 0; f < F; ++f) inter[t * F + f] += dS[f * Ds + Dv];
+        if (mode == 2)
+          std::copy(qa.begin(), qa.begin() + n * F, intra.begin());
+        else
+          anticausal_values(n, F, Mt.data(), qa_, intra.data());
+        for (int64_t x = 0; x < n * F; ++x)
+          dkc[x] = (mode == 1 ? intra[x] * std::exp(-tab.G[x]) : intra[x]) + inter[x] * tab.KF[x];
+        // dS = across * dS' + Q'^T [dO, dd]
+        for (int64_t f = 0; f < F; ++f)
+          for (int64_t d = 0; d < Ds; ++d) dS[f * Ds + d] *= tab.across[f];
+        attnlab::gemm(F, Dv, n, qrt.data(), n, doc, Dv, true, dS.data(), Ds);
+        if (normalize)
+          for (int64_t f = 0; f < F; ++f) {
+            T z = 0;
+            for (int64_t t = 0; t < n; ++t) z += qrt[f * n + t] * dd[t];
+            dS[f * Ds + Dv] += z;
+          }
+        // through the feature map
+        if (map_q)
+          attnlab::feature_grad(qh + c0 * Din, dqm.data(), n, Din, F, feature, taylor_dim, q_scale, dq + (bh * L + c0) * Din);
+        if (map_k)
+          attnlab::feature_grad(kh + c0 * Din, dkm.data(), n, Din, F, feature, taylor_dim, T(1), dk + (bh * L + c0) * Din);
+      }
+      std::copy(dS.begin(), dS.end(), dS0 + bh * F * Ds);
+    }
+    attnlab::gemm_done();
+  });
+}
+
+}  // namespace
+
+// The gradients of linear_chunks' causal form without centre, reverse or strict: q, k (B, H, L, Din)
+// mapped by `feature` (q times q_scale); v (B, H, L, Dv); log_decay (H,) or log_gates (B, H, L, F|1),
+// or neither; state0 (B, H, F, Ds) the initial state (Ds = Dv + 1 with normalize_eps, the
+// normalizer's column last); dout (B, H, L, Dv) the output's gradient, d_state the final state's (or
+// undefined: zero); with normalize_eps, `out` the forward's output num / (den + eps). Returns (dq, dk,
+// dv, d_state0). The gates' and the decay's gradients follow from these (attnlab/linear.py).
+std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                  torch::Tensor state0, c10::optional<torch::Tensor> log_decay,
+                                                  c10::optional<torch::Tensor> log_gates, torch::Tensor dout,
+                                                  c10::optional<torch::Tensor> d_state, int64_t chunk,
+                                                  c10::optional<torch::Tensor> out, c10::optional<double> normalize_eps,
+                                                  int64_t feature, int64_t taylor_dim, double q_scale) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4, "q, k must be (B, H, L, Din), v (B, H, L, Dv)");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && state0.scalar_type() == dt && dout.scalar_type() == dt,
+              "q, k, v, state0, dout dtypes differ");
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), Din = q.size(3), Dv = v.size(3);
+  const int64_t F = attnlab::feature_count(feature, taylor_dim, Din);
+  const bool normalize = normalize_eps.has_value();
+  TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == L, "v must be (B, H, L, Dv)");
+  TORCH_CHECK(dout.sizes() == v.sizes(), "dout must be (B, H, L, Dv)");
+  TORCH_CHECK(state0.dim() == 4 && state0.size(0) == B && state0.size(1) == H && state0.size(2) == F &&
+                  state0.size(3) == Dv + normalize, normalize ? "state0 must be (B, H, F, Dv + 1)" : "state0 must be (B, H, F, Dv)");
+  torch::Tensor o;
+  if (normalize) {
+    TORCH_CHECK(out.has_value() && out->defined() && out->sizes() == v.sizes() && out->scalar_type() == dt,
+                "the normalized form's backward needs the forward's output (B, H, L, Dv)");
+    o = out->contiguous();
+  }
+  const bool has_dS = d_state.has_value() && d_state->defined();
+  torch::Tensor dSL;
+  if (has_dS) {
+    TORCH_CHECK(d_state->sizes() == state0.sizes() && d_state->scalar_type() == dt, "d_state must be like state0");
+    dSL = d_state->contiguous();
+  }
+  q = q.contiguous();
+  k = k.contiguous();
+  v = v.contiguous();
+  dout = dout.contiguous();
+  state0 = state0.contiguous();
+  torch::Tensor lam, gates;
+  if (log_decay.has_value() && log_decay->defined()) {
+    lam = log_decay->to(dt).contiguous();
+    TORCH_CHECK(lam.numel() == H, "log_decay must have one entry per head");
+  }
+  if (log_gates.has_value() && log_gates->defined()) {
+    TORCH_CHECK(!lam.defined(), "give log_decay or log_gates, not both");
+    const int64_t cols = log_gates->size(-1) == 1 ? 1 : F;
+    gates = log_gates->to(dt).expand({B, H, L, cols}).contiguous();
+  }
+  auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v),
+       dS0 = torch::empty_like(state0);
+  AT_DISPATCH_FLOATING_TYPES(dt, "linear_chunks_backward", [&] {
+    using T = scalar_t;
+    backward<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), lam.defined() ? lam.data_ptr<T>() : nullptr,
+                gates.defined() ? gates.data_ptr<T>() : nullptr, gates.defined() ? gates.size(3) : 0,
+                state0.data_ptr<T>(), dout.data_ptr<T>(), normalize ? o.data_ptr<T>() : nullptr,
+                has_dS ? dSL.data_ptr<T>() : nullptr, dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
+                dS0.data_ptr<T>(), B * H, H, L, Din, F, Dv, chunk, static_cast<int>(feature), taylor_dim,
+                static_cast<T>(q_scale), normalize, static_cast<T>(normalize_eps.value_or(0.0)));
+  });
+  return {dq, dk, dv, dS0};
+}
