@@ -24,7 +24,7 @@ in log space and are only exponentiated as differences ``<= 0``, so nothing over
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -154,8 +154,8 @@ def chunked(fq, fk, v, S, *, chunk: int, log_decay=None, log_gates=None, feature
     feature map applied in PyTorch and :class:`Chunks`' backward kernel.
     """
     B, H, L, F = fq.shape
-    if _recorded(fq, fk, v, S, log_decay, log_gates):  # forward and backward on the C++ kernels
-        return _through_kernels(fq, fk, v, S, chunk, log_decay, log_gates, feature, q_scale, feature_dim)
+    if _recorded((fq, fk, v, S), (log_decay, log_gates)):  # forward and backward on the C++ kernels
+        return _through_kernels(fq, fk, v, S, log_decay, log_gates, Form(chunk, feature, feature_dim, q_scale))[:2]
     S_kernel = _kernel_state(S, fq, fk, v, log_decay, log_gates)
     if S_kernel is not None:
         return _native.linear_chunks(fq, fk, v, S_kernel, log_decay, chunk, log_gates, feature=feature, q_scale=q_scale,
@@ -189,8 +189,8 @@ def chunked_normalized(fq, fk, v, S, *, chunk: int, log_decay=None, normalize: b
     """:func:`chunked` then :func:`finish`: the output ``num / (den + eps)`` (or ``num``), and the state
     (``value_dim + 1`` columns when normalizing). The C++ kernel, where it serves, divides inside each
     chunk instead of appending a column of ones to ``v``."""
-    if normalize and _recorded(fq, fk, v, S, log_decay):  # forward and backward on the C++ kernels
-        return _through_kernels(fq, fk, v, S, chunk, log_decay, None, feature, q_scale, feature_dim, eps)
+    if normalize and _recorded((fq, fk, v, S), (log_decay,)):  # forward and backward on the C++ kernels
+        return _through_kernels(fq, fk, v, S, log_decay, None, Form(chunk, feature, feature_dim, q_scale, eps))[:2]
     S_kernel = _kernel_state(S, fq, fk, v, log_decay) if normalize else None
     if S_kernel is not None:
         return _native.linear_chunks(fq, fk, v, S_kernel, log_decay, chunk, normalize_eps=eps, feature=feature,
@@ -206,6 +206,8 @@ def chunked_centred(fq, fk, v, S, value_sum, count: int, *, chunk: int, scale: f
     ``o_i = scale/N_i (num_i - den_i ū_i) + ū_i``, ``ū_i`` = (``value_sum`` + the values up to ``i``) / ``N_i``.
     Returns ``(o, S, value_sum after the segment)``; the C++ kernel, where it serves, finishes each
     chunk as it goes."""
+    if _recorded((fq, fk, v, S, value_sum)):  # forward and backward on the C++ kernels
+        return _through_kernels(fq, fk, v, S, None, None, Form(chunk, centre_scale=scale, count=count), value_sum)
     S_kernel = _kernel_state(S, fq, fk, v, value_sum)
     if S_kernel is not None:
         vsum = value_sum.clone(memory_format=torch.contiguous_format)  # updated in place too
@@ -221,13 +223,26 @@ def finish_centred(raw: torch.Tensor, ubar, count, scale: float) -> torch.Tensor
     return scale / count * (raw[..., :-1] - raw[..., -1:] * ubar) + ubar
 
 
+class Form(NamedTuple):
+    """:class:`Chunks`' settings: as :func:`attnlab.native.linear_chunks` takes them (``eps``: normalize;
+    ``centre_scale`` and ``count``: InLine's centred finish, with the value sum an input of its own)."""
+    chunk: int
+    feature: str = "identity"
+    feature_dim: int = 0
+    q_scale: float = 1.0
+    eps: Optional[float] = None
+    centre_scale: float = 0.0
+    count: int = 0
+
+
 class Chunks(torch.autograd.Function):
-    """:func:`chunked` (or with ``eps`` :func:`chunked_normalized`) on the C++ kernels, forward and
-    backward (:func:`attnlab.native.linear_chunks_backward` gives dq, dk, dv and the initial state's
-    gradient, through the feature map and the normalizer).
-    ``apply(q, k, v, S0, log_decay, log_gates, chunk, feature, feature_dim, q_scale, eps) -> (out, S)``;
-    the gates ``(B, H, L, F|1)``; the feature map other than the identity only where the decay and
-    gates need no gradient (:func:`_through_kernels` maps the features in PyTorch otherwise).
+    """:func:`chunked`, :func:`chunked_normalized` or :func:`chunked_centred` on the C++ kernels,
+    forward and backward (:func:`attnlab.native.linear_chunks_backward` gives dq, dk, dv, the initial
+    state's and the value sum's gradients, through the feature map and the finish).
+    ``apply(q, k, v, S0, value_sum0, log_decay, log_gates, form) -> (out, S, value_sum)`` (``value_sum0``
+    None unless centred; ``form`` a :class:`Form`); the gates ``(B, H, L, F|1)``; a feature map other
+    than the identity only where the decay and gates need no gradient (:func:`_through_kernels` maps
+    the features in PyTorch otherwise).
 
     The gates' gradient: with ``G_t`` the cumulative log gate (``Σ_{i<=t} g_i``), every term of the
     output and of the final state ``S_L`` holds ``G_t`` as ``φq_t e^{G_t}`` or ``φk_t e^{-G_t}`` (and
@@ -237,22 +252,31 @@ class Chunks(torch.autograd.Function):
     map and a factor on the queries, ``φq ⊙ dφq = q ⊙ dq``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, S0, log_decay, log_gates, chunk, feature, feature_dim, q_scale, eps):
+    def forward(ctx, q, k, v, S0, vsum0, log_decay, log_gates, form: Form):
         S = S0.clone(memory_format=torch.contiguous_format)
-        out = _native.linear_chunks(q, k, v, S, log_decay, chunk, log_gates, normalize_eps=eps, feature=feature,
-                                    q_scale=q_scale, feature_dim=feature_dim)
-        ctx.save_for_backward(q, k, v, S0, log_decay, log_gates, S, out if eps is not None else None)
-        ctx.args = (chunk, eps, feature, q_scale, feature_dim)
-        return out, S
+        vsum = None if vsum0 is None else vsum0.clone(memory_format=torch.contiguous_format)  # updated in place
+        centre = None if vsum is None else (vsum, form.centre_scale, form.count)
+        out = _native.linear_chunks(q, k, v, S, log_decay, form.chunk, log_gates, normalize_eps=form.eps,
+                                    feature=form.feature, q_scale=form.q_scale, centre=centre,
+                                    feature_dim=form.feature_dim)
+        ctx.save_for_backward(q, k, v, S0, vsum0, log_decay, log_gates, S, out if form.eps is not None else None)
+        ctx.form = form
+        return out, S, vsum
 
     @staticmethod
-    def backward(ctx, dout, dS):
-        q, k, v, S0, lam, g, S, out = ctx.saved_tensors
+    def backward(ctx, dout, dS, dvsum):
+        q, k, v, S0, vsum0, lam, g, S, out = ctx.saved_tensors
+        f = ctx.form
         dout = torch.zeros_like(v) if dout is None else dout
-        dq, dk, dv, dS0 = _native.linear_chunks_backward(q, k, v, S0, lam, g, dout, dS, *ctx.args[:1], out,
-                                                         *ctx.args[1:])
+        centre = None if vsum0 is None else (vsum0, f.centre_scale, f.count)
+        dq, dk, dv, dS0, *dvsum0 = _native.linear_chunks_backward(
+            q, k, v, S0, lam, g, dout, dS, f.chunk, out, f.eps, f.feature, f.q_scale, f.feature_dim, centre)
+        dvsum0 = dvsum0[0] if dvsum0 else None
+        if dvsum is not None:  # the final sum is the first plus every value
+            dv = dv + dvsum[:, :, None]
+            dvsum0 = dvsum0 + dvsum
         dlam = dg = None
-        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+        if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
             dG = q * dq - k * dk
             if dS is not None:
                 dG[:, :, -1] += (S * dS).sum(-1)
@@ -262,29 +286,29 @@ class Chunks(torch.autograd.Function):
             else:
                 t = torch.arange(1, dG.shape[2] + 1, dtype=dG.dtype, device=dG.device)
                 dlam = (dG.sum(-1) * t).sum((0, 2))
-        return dq, dk, dv, dS0, dlam, dg, None, None, None, None, None
+        return dq, dk, dv, dS0, dvsum0, dlam, dg, None
 
 
-def _through_kernels(q, k, v, S, chunk, log_decay, log_gates, feature, q_scale, feature_dim, eps=None):
+def _through_kernels(q, k, v, S, log_decay, log_gates, form: Form, vsum0=None):
     """:class:`Chunks` for a call autograd records: the feature map in PyTorch first where the decay's
     or the gates' gradient needs the features, the gates broadcast, the decay in the compute dtype."""
-    if feature != "identity" and any(t is not None and t.requires_grad for t in (log_decay, log_gates)):
-        q, k = _mapped(q, k, feature, q_scale, feature_dim)
-        feature, q_scale, feature_dim = "identity", 1.0, 0
+    if form.feature != "identity" and any(t is not None and t.requires_grad for t in (log_decay, log_gates)):
+        q, k = _mapped(q, k, form.feature, form.q_scale, form.feature_dim)
+        form = form._replace(feature="identity", q_scale=1.0, feature_dim=0)
     if log_gates is not None:
         B, H, L, F = q.shape[:3] + (S.shape[2],)
         log_gates = log_gates.to(q.dtype).expand(B, H, L, 1 if log_gates.shape[-1] == 1 else F)
     log_decay = None if log_decay is None else log_decay.to(q.dtype)
-    return Chunks.apply(q, k, v, S, log_decay, log_gates, chunk, feature, feature_dim, q_scale, eps)
+    return Chunks.apply(q, k, v, S, vsum0, log_decay, log_gates, form)
 
 
-def _recorded(fq, *tensors) -> bool:
+def _recorded(tensors, params=()) -> bool:
     """True when autograd records this call and the C++ kernels, forward and backward, serve it (CPU,
-    float32/float64, every tensor in ``fq``'s dtype)."""
-    given = [t for t in (fq,) + tensors if t is not None]
+    float32/float64, ``tensors`` in one dtype; ``params``, decays and gates, are converted to it)."""
+    given = [t for t in tuple(tensors) + tuple(params) if t is not None]
     return (torch.is_grad_enabled() and any(t.requires_grad for t in given)
-            and all(t.dtype == fq.dtype for t in given[:4])
-            and _native.unsupported(fq.device, fq.dtype, False) is None)
+            and all(t.dtype == tensors[0].dtype for t in tensors)
+            and _native.unsupported(tensors[0].device, tensors[0].dtype, False) is None)
 
 
 def _kernel_state(S: torch.Tensor, fq, *tensors) -> Optional[torch.Tensor]:
@@ -428,6 +452,6 @@ def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int 
     return fwd + bwd - diag
 
 
-__all__ = ["Chunks", "ELEMENTWISE", "EXP_RANGE", "FEATURES", "bidirectional", "chunked", "chunked_centred", "chunked_normalized",
+__all__ = ["Chunks", "ELEMENTWISE", "Form", "EXP_RANGE", "FEATURES", "bidirectional", "chunked", "chunked_centred", "chunked_normalized",
            "feature_map", "finish", "finish_centred", "fused", "noncausal", "noncausal_fused", "parallel",
            "scan_recurrent", "step", "weights", "with_ones"]

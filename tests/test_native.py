@@ -380,6 +380,22 @@ def test_linear_chunks_backward_through_feature_map_and_normalizer(dtype, tol, f
                               [rnd(B, H, L, Dv), rnd(B, H, F, Dv + 1)]), tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+def test_linear_chunks_backward_of_the_centred_form(dtype, tol):
+    """InLine's centred finish in the backward kernel: gradients w.r.t. q, k, v, the initial state and
+    the value sum before the segment, for a loss on the output, the final state and the final sum."""
+    B, H, L, F, Dv, count = 2, 3, 150, 8, 5, 40
+    g = torch.Generator().manual_seed(9)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    leaves = [t.requires_grad_() for t in (rnd(B, H, L, F), rnd(B, H, L, F), rnd(B, H, L, Dv), rnd(B, H, F, Dv + 1),
+                                           rnd(B, H, Dv))]
+
+    def fn(q, k, v, S0, vsum0):
+        return K.chunked_centred(q, k, v, S0, vsum0, count, chunk=16, scale=0.3)
+
+    _close(*_grads_both_paths(fn, leaves, [rnd(B, H, L, Dv), rnd(B, H, F, Dv + 1), rnd(B, H, Dv)]), tol)
+
+
 def test_native_impl_listed():
     assert executor.NATIVE in executor.MASKED_IMPLS
     assert attnlab.mechanism("sliding_window").impl("native") is executor.NATIVE

@@ -1,17 +1,20 @@
-// Backward of the causal chunked linear form (linear_chunks on raw features: no feature map, no
-// normalizer; attnlab/linear.py maps the features and divides by the normalizer column in PyTorch
-// around it). Per (batch, head), one sweep recomputes the state before every chunk (one GEMM per
-// chunk, the states kept: L/C x F x Dv floats), then the chunks are walked backwards with the
-// state's gradient dS' (of the state after the chunk) in cache.
+// Backward of the causal chunked linear form (linear_chunks without reverse or strict). Per (batch,
+// head), one sweep recomputes the state before every chunk (one GEMM per chunk, the states kept:
+// L/C x F x Ds floats), then the chunks are walked backwards with the state's gradient dS' (of the
+// state after the chunk) in cache. The feature map is applied to each chunk as it is read, and its
+// backward to dQ and dK at the end (attnlab/csrc/linear.h). With the normalizer (or InLine's centred
+// finish) the chunk's denominators are recomputed from A and the state's z column, dO becomes the
+// gradients of num (dn) and of den (dd, one per row: the rank-one terms below), and z's gradient
+// rides in dS' as the forward's z rides in S.
 //
 // Per chunk, with the forward's tables (attnlab/csrc/linear_chunks.cpp): Q' = Q * QF and
 // K' = K * KF (the queries as they read the state, the keys as they enter it), `across` (per row
 // of the state) and the masked intra-chunk scores A (n x n):
 //   forward    O = A V + Q' S,   S_next = across * S + K'^T V
 //   backward   dV = A^T dO + K' dS'
-//              M  = tril(dO V^T) (times the decay weights W where A = (Q K^T) * W)
-//              dQ = d(intra)/dQ + (dO S^T) * QF,   dK = d(intra)/dK + (V dS'^T) * KF
-//              dS = across * dS' + Q'^T dO
+//              M  = tril(dO V^T + dd 1^T) (times the decay weights W where A = (Q K^T) * W)
+//              dQ = d(intra)/dQ + (dO S^T + dd z^T) * QF,   dK = d(intra)/dK + (V dS'^T + 1 dz'^T) * KF
+//              dS = across * dS' + Q'^T [dO, dd]
 // where the intra-chunk terms are, by the forward's three ways of weighting a pair:
 //   per-head decay or one gate per token (W): M K and M^T Q;
 //   per-channel gates in range (A = tril((Q e^G) (K e^-G)^T)): (M (K e^-G)) e^G and (M^T (Q e^G)) e^-G;
@@ -77,11 +80,25 @@ struct Tables {
   }
 };
 
+// How the forward finished its output from [num, den] (as linear_chunks): raw; num / (den + eps)
+// (`out` the forward's output); or InLine's centred scale / N (num - den u) + u, u the mean of the
+// values so far (`vsum0` their sum before the segment of `count0` tokens, `dvsum0` its gradient).
+template <typename T>
+struct Finish {
+  bool normalize = false;
+  T eps = 0;
+  const T* out = nullptr;
+  const T* vsum0 = nullptr;
+  T* dvsum0 = nullptr;
+  T scale = 0;
+  int64_t count0 = 0;
+};
+
 template <typename T>
 void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, int64_t cols, const T* S0,
-              const T* dout, const T* out, const T* dSL, T* dq, T* dk, T* dv, T* dS0, int64_t BH, int64_t H, int64_t L,
-              int64_t Din, int64_t F, int64_t Dv, int64_t C, int feature, int64_t taylor_dim, T q_scale, bool normalize,
-              T eps) {
+              const T* dout, const T* dSL, T* dq, T* dk, T* dv, T* dS0, int64_t BH, int64_t H, int64_t L, int64_t Din,
+              int64_t F, int64_t Dv, int64_t C, int feature, int64_t taylor_dim, T q_scale, const Finish<T>& fin) {
+  const bool normalize = fin.normalize, centre = fin.vsum0 != nullptr;
   const int64_t m = (L + C - 1) / C, Ds = Dv + (normalize ? 1 : 0);  // state rows: Dv values, then z
   const bool map_q = feature != 0 || q_scale != T(1), map_k = feature != 0;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
@@ -91,7 +108,9 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
         qa(C * F), ka(C * F), intra(C * F), inter(C * F), qm, km, dqm, dkm, dn, dd, den;
     if (map_q) qm.resize(C * F), dqm.resize(C * F);
     if (map_k) km.resize(C * F), dkm.resize(C * F);
-    if (normalize) dn.resize(C * Dv), dd.resize(C), den.resize(C);
+    if (normalize) dn.resize(C * Dv), dd.resize(C);
+    std::vector<T> vsums, vs(Dv), du, r(Dv);  // InLine: the values' sum before each chunk, du / N, its reverse sum
+    if (centre) vsums.resize(std::max<int64_t>(m, 1) * Dv), du.resize(C * Dv);
     // the chunk's features: q, k as they are, or mapped (q times q_scale) into qm, km
     auto features = [&](const T* qc, const T* kc, int64_t n, const T** fq, const T** fk) {
       if (map_q) attnlab::feature_map(qc, n, Din, F, feature, taylor_dim, q_scale, qm.data());
@@ -108,6 +127,7 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
       tab.built = -1;
       // the states before each chunk
       std::copy(S0 + bh * F * Ds, S0 + (bh + 1) * F * Ds, states.data());
+      if (centre) std::copy(fin.vsum0 + bh * Dv, fin.vsum0 + (bh + 1) * Dv, vsums.data());
       for (int64_t c = 0; c + 1 < m; ++c) {
         const int64_t c0 = c * C, n = std::min(C, L - c0);
         const T* fk = kh + c0 * Din;
@@ -124,7 +144,13 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
           for (int64_t f = 0; f < F; ++f) krt[f * n + s] = fk[s * F + f] * tab.KF[s * F + f];
         attnlab::gemm(F, Dv, n, krt.data(), n, vh + c0 * Dv, Dv, true, Sn, Ds);
         if (normalize) attnlab::add_key_sums(krt.data(), F, n, Sn, Ds, Dv);
+        if (centre) {
+          std::copy(vsums.data() + c * Dv, vsums.data() + (c + 1) * Dv, vsums.data() + (c + 1) * Dv);
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t x = 0; x < Dv; ++x) vsums[(c + 1) * Dv + x] += vh[(c0 + t) * Dv + x];
+        }
       }
+      std::fill(r.begin(), r.end(), T(0));
       if (dSL)
         std::copy(dSL + bh * F * Ds, dSL + (bh + 1) * F * Ds, dS.data());
       else
@@ -173,18 +199,31 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
           else
             for (int64_t t = 0; t < n; ++t) std::fill(A.data() + t * n + t + 1, A.data() + (t + 1) * n, T(0));
         }
-        if (normalize) {  // out = num / (den + eps): the gradients of num (dn) and den (dd)
-          const T* oc = out + (bh * L + c0) * Dv;
+        if (normalize) {  // the gradients of num (dn) and den (dd), from the finish
+          if (centre) std::copy(vsums.data() + c * Dv, vsums.data() + (c + 1) * Dv, vs.data());
           for (int64_t t = 0; t < n; ++t) {
             T d = 0, dot = 0;
             for (int64_t s = 0; s <= t; ++s) d += A[t * n + s];
             for (int64_t f = 0; f < F; ++f) d += qr[t * F + f] * S[f * Ds + Dv];
-            const T inv = T(1) / (d + eps);
-            for (int64_t x = 0; x < Dv; ++x) {
-              dn[t * Dv + x] = doc[t * Dv + x] * inv;
-              dot += doc[t * Dv + x] * oc[x + t * Dv];
+            const T* g = doc + t * Dv;
+            if (centre) {  // out = a (num - den u) + u, a = scale / N, u = vs / N: u's own gradient too
+              const T N = T(fin.count0 + c0 + t + 1), a = fin.scale / N;
+              for (int64_t x = 0; x < Dv; ++x) {
+                vs[x] += vc[t * Dv + x];
+                dn[t * Dv + x] = a * g[x];
+                dot += g[x] * vs[x] / N;
+                du[t * Dv + x] = g[x] * (T(1) - a * d) / N;
+              }
+              dd[t] = -a * dot;
+            } else {  // out = num / (den + eps)
+              const T inv = T(1) / (d + fin.eps);
+              const T* o = fin.out + (bh * L + c0 + t) * Dv;
+              for (int64_t x = 0; x < Dv; ++x) {
+                dn[t * Dv + x] = g[x] * inv;
+                dot += g[x] * o[x];
+              }
+              dd[t] = -dot * inv;
             }
-            dd[t] = -dot * inv;
           }
           doc = dn.data();
         }
@@ -192,6 +231,9 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
         attnlab::transpose(A.data(), n, n, At.data(), n);
         anticausal_values(n, Dv, At.data(), doc, dvc);
         attnlab::gemm(n, Dv, F, kr.data(), F, dS.data(), Ds, true, dvc, Dv);
+        if (centre)  // + the sum of du / N over this token and every later one
+          for (int64_t t = n - 1; t >= 0; --t)
+            for (int64_t x = 0; x < Dv; ++x) dvc[t * Dv + x] += r[x] += du[t * Dv + x];
         // M = tril(dO V^T + dd 1^T) (* W)
         attnlab::causal_scores(n, Dv, doc, vt.data(), M.data());
         if (normalize)
@@ -256,6 +298,7 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
           attnlab::feature_grad(kh + c0 * Din, dkm.data(), n, Din, F, feature, taylor_dim, T(1), dk + (bh * L + c0) * Din);
       }
       std::copy(dS.begin(), dS.end(), dS0 + bh * F * Ds);
+      if (centre) std::copy(r.begin(), r.end(), fin.dvsum0 + bh * Dv);
     }
     attnlab::gemm_done();
   });
@@ -263,18 +306,22 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
 
 }  // namespace
 
-// The gradients of linear_chunks' causal form without centre, reverse or strict: q, k (B, H, L, Din)
-// mapped by `feature` (q times q_scale); v (B, H, L, Dv); log_decay (H,) or log_gates (B, H, L, F|1),
-// or neither; state0 (B, H, F, Ds) the initial state (Ds = Dv + 1 with normalize_eps, the
-// normalizer's column last); dout (B, H, L, Dv) the output's gradient, d_state the final state's (or
-// undefined: zero); with normalize_eps, `out` the forward's output num / (den + eps). Returns (dq, dk,
-// dv, d_state0). The gates' and the decay's gradients follow from these (attnlab/linear.py).
+// The gradients of linear_chunks' causal form without reverse or strict: q, k (B, H, L, Din) mapped by
+// `feature` (q times q_scale); v (B, H, L, Dv); log_decay (H,) or log_gates (B, H, L, F|1), or neither;
+// state0 (B, H, F, Ds) the initial state (Ds = Dv + 1 with normalize_eps or centre, the normalizer's
+// column last); dout (B, H, L, Dv) the output's gradient, d_state the final state's (or undefined:
+// zero); with normalize_eps, `out` the forward's output num / (den + eps); with centre (B, H, Dv), the
+// values' sum before the segment (count0 tokens), InLine's centred output (centre_scale). Returns
+// (dq, dk, dv, d_state0) and with centre its gradient. The gates' and the decay's gradients follow
+// from these (attnlab/linear.py).
 std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                   torch::Tensor state0, c10::optional<torch::Tensor> log_decay,
                                                   c10::optional<torch::Tensor> log_gates, torch::Tensor dout,
                                                   c10::optional<torch::Tensor> d_state, int64_t chunk,
                                                   c10::optional<torch::Tensor> out, c10::optional<double> normalize_eps,
-                                                  int64_t feature, int64_t taylor_dim, double q_scale) {
+                                                  int64_t feature, int64_t taylor_dim, double q_scale,
+                                                  c10::optional<torch::Tensor> centre, double centre_scale,
+                                                  int64_t count0) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4, "q, k must be (B, H, L, Din), v (B, H, L, Dv)");
   const auto dt = q.scalar_type();
   TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && state0.scalar_type() == dt && dout.scalar_type() == dt,
@@ -282,16 +329,25 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
   TORCH_CHECK(chunk > 0, "chunk must be positive");
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), Din = q.size(3), Dv = v.size(3);
   const int64_t F = attnlab::feature_count(feature, taylor_dim, Din);
-  const bool normalize = normalize_eps.has_value();
+  const bool centred = centre.has_value() && centre->defined();
+  TORCH_CHECK(!(centred && normalize_eps.has_value()), "give normalize_eps or centre, not both");
+  const bool normalize = normalize_eps.has_value() || centred;
   TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == L, "v must be (B, H, L, Dv)");
   TORCH_CHECK(dout.sizes() == v.sizes(), "dout must be (B, H, L, Dv)");
   TORCH_CHECK(state0.dim() == 4 && state0.size(0) == B && state0.size(1) == H && state0.size(2) == F &&
-                  state0.size(3) == Dv + normalize, normalize ? "state0 must be (B, H, F, Dv + 1)" : "state0 must be (B, H, F, Dv)");
-  torch::Tensor o;
-  if (normalize) {
+                  state0.size(3) == Dv + normalize,
+              normalize ? "state0 must be (B, H, F, Dv + 1)" : "state0 must be (B, H, F, Dv)");
+  torch::Tensor o, vsum0, dvsum0;
+  if (normalize_eps.has_value()) {
     TORCH_CHECK(out.has_value() && out->defined() && out->sizes() == v.sizes() && out->scalar_type() == dt,
                 "the normalized form's backward needs the forward's output (B, H, L, Dv)");
     o = out->contiguous();
+  }
+  if (centred) {
+    TORCH_CHECK(centre->scalar_type() == dt && centre->dim() == 3 && centre->size(0) == B && centre->size(1) == H &&
+                    centre->size(2) == Dv, "centre must be a (B, H, Dv) tensor of q's dtype");
+    vsum0 = centre->contiguous();
+    dvsum0 = torch::empty_like(vsum0);
   }
   const bool has_dS = d_state.has_value() && d_state->defined();
   torch::Tensor dSL;
@@ -318,12 +374,20 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
        dS0 = torch::empty_like(state0);
   AT_DISPATCH_FLOATING_TYPES(dt, "linear_chunks_backward", [&] {
     using T = scalar_t;
+    Finish<T> fin;
+    fin.normalize = normalize;
+    fin.eps = static_cast<T>(normalize_eps.value_or(0.0));
+    fin.out = o.defined() ? o.data_ptr<T>() : nullptr;
+    fin.vsum0 = centred ? vsum0.data_ptr<T>() : nullptr;
+    fin.dvsum0 = centred ? dvsum0.data_ptr<T>() : nullptr;
+    fin.scale = static_cast<T>(centre_scale);
+    fin.count0 = count0;
     backward<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), lam.defined() ? lam.data_ptr<T>() : nullptr,
                 gates.defined() ? gates.data_ptr<T>() : nullptr, gates.defined() ? gates.size(3) : 0,
-                state0.data_ptr<T>(), dout.data_ptr<T>(), normalize ? o.data_ptr<T>() : nullptr,
-                has_dS ? dSL.data_ptr<T>() : nullptr, dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
-                dS0.data_ptr<T>(), B * H, H, L, Din, F, Dv, chunk, static_cast<int>(feature), taylor_dim,
-                static_cast<T>(q_scale), normalize, static_cast<T>(normalize_eps.value_or(0.0)));
+                state0.data_ptr<T>(), dout.data_ptr<T>(), has_dS ? dSL.data_ptr<T>() : nullptr, dq.data_ptr<T>(),
+                dk.data_ptr<T>(), dv.data_ptr<T>(), dS0.data_ptr<T>(), B * H, H, L, Din, F, Dv, chunk,
+                static_cast<int>(feature), taylor_dim, static_cast<T>(q_scale), fin);
   });
+  if (centred) return {dq, dk, dv, dS0, dvsum0};
   return {dq, dk, dv, dS0};
 }

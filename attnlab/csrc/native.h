@@ -40,7 +40,9 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
                                                   c10::optional<torch::Tensor> log_gates, torch::Tensor dout,
                                                   c10::optional<torch::Tensor> d_state, int64_t chunk,
                                                   c10::optional<torch::Tensor> out, c10::optional<double> normalize_eps,
-                                                  int64_t feature, int64_t taylor_dim, double q_scale);
+                                                  int64_t feature, int64_t taylor_dim, double q_scale,
+                                                  c10::optional<torch::Tensor> centre, double centre_scale,
+                                                  int64_t count0);
 
 torch::Tensor linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t chunk,
                                c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,
