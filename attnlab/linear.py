@@ -452,6 +452,6 @@ def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int 
     return fwd + bwd - diag
 
 
-__all__ = ["Chunks", "ELEMENTWISE", "Form", "EXP_RANGE", "FEATURES", "bidirectional", "chunked", "chunked_centred", "chunked_normalized",
-           "feature_map", "finish", "finish_centred", "fused", "noncausal", "noncausal_fused", "parallel",
-           "scan_recurrent", "step", "weights", "with_ones"]
+__all__ = ["Chunks", "ELEMENTWISE", "EXP_RANGE", "FEATURES", "Form", "bidirectional", "chunked", "chunked_centred",
+           "chunked_normalized", "feature_map", "finish", "finish_centred", "fused", "noncausal", "noncausal_fused",
+           "parallel", "scan_recurrent", "step", "weights", "with_ones"]

@@ -1,7 +1,8 @@
 """attnlab's C++ CPU kernels (``attnlab/csrc``), built on first use and cached.
 
 Kernels, each the fused form of mathematics that also exists in PyTorch here (and is tested against
-it); forward-only but for ``linear_chunks``, whose backward is ``linear_chunks_backward``:
+it); forward-only but for ``range_attention`` and ``linear_chunks``, which have backward kernels
+(:class:`RangeAttention`, :class:`attnlab.linear.Chunks`):
 
 ``range_attention``  exact softmax attention where every query sees one or a few ranges of keys
                      (sliding windows, 1-D neighborhoods, causal, prefix-LM, documents, sinks
@@ -128,11 +129,12 @@ def unsupported(device, dtype, requires_grad: bool) -> Optional[str]:
     return unavailable()
 
 
-def serves(*tensors: Optional[torch.Tensor]) -> bool:
+def serves(*tensors: Optional[torch.Tensor], backward: bool = False) -> bool:
     """True when the kernels serve these tensors (``None`` entries ignored): :func:`unsupported` for the
-    first one's device and dtype, with autograd recording when any of them requires grad."""
+    first one's device and dtype, with autograd recording when any of them requires grad, unless the
+    kernel to be called has a backward (``backward``)."""
     given = [t for t in tensors if t is not None]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in given)
+    grad = not backward and torch.is_grad_enabled() and any(t.requires_grad for t in given)
     return unsupported(given[0].device, given[0].dtype, grad) is None
 
 
@@ -145,8 +147,34 @@ BLOCK_Q, CHUNK = 64, 2048
 def range_attention(q, k, v, start: torch.Tensor, end: torch.Tensor, scale: float):
     """``(out, lse)`` of softmax attention where query ``i`` sees keys ``start[i] <= j < end[i]``, or
     with ``(Lq, R)`` bounds the union of its ``R`` disjoint ranges (shared by every batch and head).
-    q ``(B, H, Lq, D)``, k/v ``(B, Hkv, Lk, D|Dv)``."""
+    q ``(B, H, Lq, D)``, k/v ``(B, Hkv, Lk, D|Dv)``. Differentiable (:class:`RangeAttention`'s backward
+    kernel) when autograd records."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return RangeAttention.apply(q, k, v, start, end, float(scale))
     return tuple(module().range_attention(q, k, v, start, end, float(scale), BLOCK_Q, CHUNK))
+
+
+class RangeAttention(torch.autograd.Function):
+    """:func:`range_attention` with its backward kernel (FlashAttention-2's, over the same ranges; the
+    gradient of ``lse`` too): ``apply(q, k, v, start, end, scale) -> (out, lse)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, start, end, scale):
+        out, lse = module().range_attention(q, k, v, start, end, scale, BLOCK_Q, CHUNK)
+        ctx.save_for_backward(q, k, v, start, end, out, lse)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, start, end, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
+        dq, dk, dv = module().range_attention_backward(q, k, v, start, end, out, lse, dout, dlse, ctx.scale, BLOCK_Q,
+                                                        CHUNK)
+        B, H, Hkv = q.shape[0], q.shape[1], k.shape[1]
+        if H != Hkv:  # per query head: each key/value head's group summed
+            dk, dv = (x.view(B, Hkv, H // Hkv, *x.shape[2:]).sum(2) for x in (dk, dv))
+        return dq, dk, dv, None, None, None
 
 
 #: Largest union of key boxes one query tile of :func:`box_attention` may span for the ``native``

@@ -20,6 +20,7 @@ from attnlab import bench
 from attnlab.bench import cases as bcases
 from attnlab.bench import flops, presets
 from attnlab.bench.store import SCHEMA_VERSION, Store
+from attnlab.patterns.blocks import RUNS
 
 TINY = ["--heads", "2", "--head-dim", "16", "--repeats", "2", "--warmup", "0"]
 
@@ -68,7 +69,7 @@ def test_rows_land_in_the_store_with_run_metadata(basic):
     by = {(c["mechanism"], c["kv_len"], c["direction"]): c for c in cases}
     na = by[("neighborhood", 128, "fwd")]
     assert na["grid"] == [8, 16] and na["impl_used"] == "native" and na["params"] == {"kernel_size": [8, 16]}
-    assert by[("sliding_window", 64, "fwdbwd")]["impl_used"] == "tiled"  # flex is forward-only on CPU
+    assert by[("sliding_window", 64, "fwdbwd")]["impl_used"] == "native"  # its range kernel has a backward
     assert by[("dense", 64, "fwd")]["impl_used"] == "sdpa" and by[("sliding_window", 64, "fwd")]["params"] == {
         "window": 512}
     for c in cases:
@@ -89,8 +90,9 @@ def test_saved_tensor_bytes_are_exact(basic):
     c = next(c for c in cases if c["mechanism"] == "sliding_window" and c["direction"] == "fwdbwd"
              and c["kv_len"] == 128)
     B, H, L, D = 1, 2, 128, 16
-    # the tiled engine keeps q, k, v, out (fp32) and the fp32 log-sum-exp: O(L), no L x L matrix
-    assert c["measurements"]["saved_tensor_bytes"]["value"] == 4 * B * H * L * D * 4 + B * H * L * 4
+    # the range kernel keeps q, k, v, out (fp32), the fp32 log-sum-exp and its two int64 tables of
+    # (L, RUNS) range bounds: O(L), no L x L matrix
+    assert c["measurements"]["saved_tensor_bytes"]["value"] == 4 * B * H * L * D * 4 + B * H * L * 4 + 2 * L * RUNS * 8
 
 
 def test_json_export_parses_and_matches_the_store(basic):

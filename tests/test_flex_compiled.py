@@ -58,7 +58,7 @@ def test_gqa_and_bf16_compiled():
 def test_flex_declines_training_on_cpu():
     q, k, v = (torch.randn(1, 2, 64, 16, requires_grad=True) for _ in range(3))
     m = attnlab.mechanism("sliding_window")
-    assert m.select(m.prepare(q, k, v, window=8)).name == "tiled"
+    assert m.select(m.prepare(q, k, v, window=8)).name != "flex"
     with pytest.raises(ValueError, match="inference-only"):
         m(q, k, v, window=8, impl="flex")
     assert executor.flex_compile_enabled()

@@ -100,11 +100,46 @@ def test_native_declines_what_it_cannot_serve():
     sw, sink = attnlab.mechanism("sliding_window"), attnlab.mechanism("sink_window")
     q, k, v = _qkv(1, 2, 2, 64, 64, 16, 16, torch.float32)
     why = lambda m, *x, **p: executor.NATIVE.supports(m.prepare(*x, causal=True, **p))  # noqa: E731
-    assert "forward-only" in why(sw, q.clone().requires_grad_(), k, v)
+    assert why(sw, q.clone().requires_grad_(), k, v) is None  # the range kernel has a backward
+    q2 = torch.randn(1, 2, 8, 8, 16, requires_grad=True)  # a 2-D grid: the box kernel, forward only
+    assert "forward-only" in executor.NATIVE.supports(attnlab.mechanism("neighborhood").prepare(
+        q2, q2.detach(), q2.detach(), kernel_size=3))
     assert "float32 or float64" in why(sw, q.half(), k.half(), v.half())
     assert "at most 2 ranges" in why(attnlab.mechanism("strided"), q, k, v, stride=4)
     assert why(sink, q, k, v, sinks=2, window=8) is None  # two ranges: sinks and the window
     assert why(sw, q, k, v) is None
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("Hkv,Lk", [(4, 90), (2, 120)])
+def test_range_attention_backward_equals_autograd_of_the_dense_form(dtype, tol, Hkv, Lk):
+    """The range kernel's backward: dq, dk, dv (GQA groups summed) for a loss on the output and on the
+    log-sum-exp, two ranges per row (sinks and a window, cross lengths), a row with none, against
+    autograd through the masked dense softmax."""
+    B, H, Lq, D, Dv, scale = 2, 4, 90, 8, 6, 0.4
+    g = torch.Generator().manual_seed(10)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    q, k, v = (t.requires_grad_() for t in (rnd(B, H, Lq, D), rnd(B, Hkv, Lk, D), rnd(B, Hkv, Lk, Dv)))
+    i, j = torch.arange(Lq) + (Lk - Lq), torch.arange(Lk)
+    start = torch.stack([torch.zeros(Lq, dtype=torch.long), (i - 19).clamp(4, Lk)], 1)
+    end = torch.stack([torch.full((Lq,), 4), (i + 1).clamp(4, Lk)], 1)
+    start[5], end[5] = 0, 0
+    G, Gl = rnd(B, H, Lq, Dv), rnd(B, H, Lq)
+    visible = ((j >= start[:, :1]) & (j < end[:, :1])) | ((j >= start[:, 1:]) & (j < end[:, 1:]))
+
+    def dense(q, k, v):
+        s = (q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        p = torch.where(visible, (s - torch.where(lse.isinf(), 0, lse)[..., None]).exp(), 0)
+        return p @ v.repeat_interleave(H // Hkv, 1), lse
+
+    def with_grads(o, lse):
+        loss = (o * G).sum() + (torch.where(lse.isinf(), 0, lse) * Gl).sum()
+        return [o, lse] + list(torch.autograd.grad(loss, (q, k, v)))
+
+    got, want = with_grads(*native.range_attention(q, k, v, start, end, scale)), with_grads(*dense(q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
 def _random_boxes(shape, g):

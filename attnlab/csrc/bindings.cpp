@@ -2,6 +2,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("range_attention", &range_attention, "attention over one contiguous key range per query (CPU forward)");
+  m.def("range_attention_backward", &range_attention_backward, "the gradients of range_attention (CPU)");
   m.def("box_attention", &box_attention, "attention over one box of keys per query on a grid (CPU forward)");
   m.def("linear_chunks", &linear_chunks,
         "causal chunked linear attention, per-head decay or per-channel gates (CPU forward)");

@@ -1,4 +1,4 @@
-// attnlab's CPU kernels (forward; linear_chunks also backward): declarations shared by the kernels and the bindings.
+// attnlab's CPU kernels (forward; range_attention and linear_chunks also backward): declarations shared by the kernels and the bindings.
 #pragma once
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
@@ -8,6 +8,12 @@
 
 std::vector<torch::Tensor> range_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor start,
                                            torch::Tensor end, double scale, int64_t block_q, int64_t chunk);
+
+std::vector<torch::Tensor> range_attention_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                    torch::Tensor start, torch::Tensor end, torch::Tensor out,
+                                                    torch::Tensor lse, torch::Tensor dout,
+                                                    c10::optional<torch::Tensor> dlse, double scale, int64_t block_q,
+                                                    int64_t chunk);
 
 std::vector<torch::Tensor> box_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor boxes,
                                          std::vector<int64_t> shape, std::vector<int64_t> tile, double scale);

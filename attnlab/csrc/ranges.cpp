@@ -1,5 +1,5 @@
 // Exact attention where every query sees one contiguous range of keys, or a few disjoint ones (CPU,
-// forward).
+// forward and backward).
 //
 // out[b, h, i] = softmax_j(scale * q_i . k_j) v_j  over  j in [start[i][r], end[i][r]), r < R
 //
@@ -97,6 +97,91 @@ void forward(const T* q, const T* k, const T* v, const int64_t* start, const int
   });
 }
 
+// The gradients of forward's output (and lse): FlashAttention-2's backward over the same ranges.
+// With P = exp(scale q.k - lse) inside each row's ranges and Drow = sum(dO * O) - dlse per row,
+//   dV += P^T dO,   dS = P * (dO V^T - Drow),   dQ += scale dS K,   dK += scale dS^T Q.
+// One work item per (batch, query head) walks its query blocks and the same key chunks as the
+// forward; dK and dV are per query head (the caller sums a GQA group's).
+template <typename T>
+void backward(const T* q, const T* k, const T* v, const int64_t* start, const int64_t* end, const T* out,
+              const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv, int64_t B, int64_t H, int64_t Hkv,
+              int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t R, T scale, int64_t block_q, int64_t chunk) {
+  const int64_t nq = (Lq + block_q - 1) / block_q;
+  const int64_t group = H / Hkv;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<T> s(block_q * chunk), ds(block_q * chunk), tr(chunk * std::max(block_q, std::max(D, Dv))),
+        qs(block_q * D), dqa(block_q * D), drow(block_q);
+    for (int64_t bh = begin; bh < stop; ++bh) {
+      const int64_t b = bh / H, h = bh % H, kvh = b * Hkv + h / group;
+      const T* kp = k + kvh * Lk * D;
+      const T* vp = v + kvh * Lk * Dv;
+      T* dkp = dk + bh * Lk * D;
+      T* dvp = dv + bh * Lk * Dv;
+      std::fill(dkp, dkp + Lk * D, T(0));
+      std::fill(dvp, dvp + Lk * Dv, T(0));
+      for (int64_t qb = 0; qb < nq; ++qb) {
+        const int64_t i0 = qb * block_q, rows = std::min(block_q, Lq - i0);
+        const T* qp = q + (bh * Lq + i0) * D;
+        const T* op = out + (bh * Lq + i0) * Dv;
+        const T* gp = dout + (bh * Lq + i0) * Dv;
+        const T* lp = lse + bh * Lq + i0;
+        for (int64_t x = 0; x < rows * D; ++x) qs[x] = qp[x] * scale;
+        for (int64_t r = 0; r < rows; ++r) {
+          T acc = dlse ? -dlse[bh * Lq + i0 + r] : T(0);
+          for (int64_t d = 0; d < Dv; ++d) acc += gp[r * Dv + d] * op[r * Dv + d];
+          drow[r] = acc;
+        }
+        std::fill(dqa.begin(), dqa.begin() + rows * D, T(0));
+        for (int64_t rr = 0; rr < R; ++rr) {
+          const int64_t* st = start + i0 * R + rr;
+          const int64_t* en = end + i0 * R + rr;
+          int64_t lo = Lk, hi = 0;
+          for (int64_t r = 0; r < rows; ++r) {
+            if (st[r * R] < en[r * R]) {
+              lo = std::min(lo, st[r * R]);
+              hi = std::max(hi, en[r * R]);
+            }
+          }
+          for (int64_t c0 = lo; c0 < hi; c0 += chunk) {
+            const int64_t n = std::min(chunk, hi - c0);
+            attnlab::transpose(kp + c0 * D, n, D, tr.data(), n);
+            attnlab::gemm(rows, n, D, qs.data(), D, tr.data(), n, false, s.data(), n);  // scores
+            attnlab::transpose(vp + c0 * Dv, n, Dv, tr.data(), n);
+            attnlab::gemm(rows, n, Dv, gp, Dv, tr.data(), n, false, ds.data(), n);  // dO V^T
+            for (int64_t r = 0; r < rows; ++r) {  // P, and dS = P (dO V^T - Drow), inside the row's range
+              T* sr = s.data() + r * n;
+              T* dr = ds.data() + r * n;
+              const int64_t a = std::max<int64_t>(st[r * R] - c0, 0);
+              const int64_t e = std::min<int64_t>(en[r * R] - c0, n);
+              for (int64_t j = a; j < e; ++j) {
+                sr[j] = std::exp(sr[j] - lp[r]);
+                dr[j] = sr[j] * (dr[j] - drow[r]);
+              }
+              if (a >= e) {
+                std::fill(sr, sr + n, T(0));
+                std::fill(dr, dr + n, T(0));
+                continue;
+              }
+              std::fill(sr, sr + a, T(0));
+              std::fill(sr + e, sr + n, T(0));
+              std::fill(dr, dr + a, T(0));
+              std::fill(dr + e, dr + n, T(0));
+            }
+            attnlab::gemm(rows, D, n, ds.data(), n, kp + c0 * D, D, true, dqa.data(), D);  // dQ (unscaled)
+            attnlab::transpose(s.data(), rows, n, tr.data(), rows);
+            attnlab::gemm(n, Dv, rows, tr.data(), rows, gp, Dv, true, dvp + c0 * Dv, Dv);  // dV += P^T dO
+            attnlab::transpose(ds.data(), rows, n, tr.data(), rows);
+            attnlab::gemm(n, D, rows, tr.data(), rows, qs.data(), D, true, dkp + c0 * D, D);  // dK += dS^T (scale Q)
+          }
+        }
+        T* dqp = dq + (bh * Lq + i0) * D;
+        for (int64_t x = 0; x < rows * D; ++x) dqp[x] = dqa[x] * scale;
+      }
+    }
+    attnlab::gemm_done();
+  });
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> range_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor start,
@@ -127,4 +212,52 @@ std::vector<torch::Tensor> range_attention(torch::Tensor q, torch::Tensor k, tor
                       block_q, chunk);
   });
   return {out, lse};
+}
+
+// The gradients (dq, dk, dv) of range_attention's (out, lse) for dout and dlse (undefined: zero);
+// dk, dv per query head (B, H, Lk, D|Dv): the caller sums each GQA group's.
+std::vector<torch::Tensor> range_attention_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                    torch::Tensor start, torch::Tensor end, torch::Tensor out,
+                                                    torch::Tensor lse, torch::Tensor dout,
+                                                    c10::optional<torch::Tensor> dlse, double scale, int64_t block_q,
+                                                    int64_t chunk) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, L, D)");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && out.scalar_type() == dt && lse.scalar_type() == dt &&
+                  dout.scalar_type() == dt, "q, k, v, out, lse, dout dtypes differ");
+  q = q.contiguous();
+  k = k.contiguous();
+  v = v.contiguous();
+  out = out.contiguous();
+  lse = lse.contiguous();
+  dout = dout.contiguous();
+  start = start.to(torch::kInt64).contiguous();
+  end = end.to(torch::kInt64).contiguous();
+  const int64_t R = start.dim() == 2 ? start.size(1) : 1;
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(start.size(0) == Lq && start.sizes() == end.sizes() && start.dim() <= 2 && R >= 1,
+              "start/end must be (Lq,) or (Lq, R): R ranges per query");
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == Lk && k.size(3) == D,
+              "k, v shapes do not match q");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads must be a multiple of key/value heads");
+  TORCH_CHECK(out.size(0) == B && out.size(1) == H && out.size(2) == Lq && out.size(3) == Dv && dout.sizes() == out.sizes(),
+              "out and dout must be (B, H, Lq, Dv)");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == Lq, "lse must be (B, H, Lq)");
+  TORCH_CHECK(block_q > 0 && chunk > 0, "block_q and chunk must be positive");
+  torch::Tensor gl;
+  if (dlse.has_value() && dlse->defined()) {
+    TORCH_CHECK(dlse->sizes() == lse.sizes() && dlse->scalar_type() == dt, "dlse must be like lse");
+    gl = dlse->contiguous();
+  }
+  auto dq = torch::empty_like(q);
+  auto dk = torch::empty({B, H, Lk, D}, q.options()), dv = torch::empty({B, H, Lk, Dv}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "range_attention_backward", [&] {
+    using T = scalar_t;
+    backward<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), start.data_ptr<int64_t>(), end.data_ptr<int64_t>(),
+                out.data_ptr<T>(), lse.data_ptr<T>(), dout.data_ptr<T>(), gl.defined() ? gl.data_ptr<T>() : nullptr,
+                dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), B, H, Hkv, Lq, Lk, D, Dv, R,
+                static_cast<T>(scale), block_q, chunk);
+  });
+  return {dq, dk, dv};
 }

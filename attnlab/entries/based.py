@@ -89,7 +89,7 @@ def banded_window(q, k, v, *, window: int, scale: float, causal: bool, block: in
     Lk = k.shape[2]
     off = Lk - Lq
     back, ahead = window - 1, (0 if causal else window - 1)
-    if _native.serves(q, k, v):  # the same band, fused (C++ range kernel)
+    if _native.serves(q, k, v, backward=True):  # the same band, fused (C++ range kernel, forward and backward)
         p = torch.arange(Lq, device=q.device) + off
         start, end = (p - back).clamp(0, Lk), (p + ahead + 1).clamp(0, Lk)
         return _native.range_attention(q, k, v, start, end, scale)[0]

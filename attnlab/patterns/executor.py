@@ -243,11 +243,15 @@ def _flex_supports(call: Call) -> Optional[str]:
 
 
 def _native_supports(call: Call) -> Optional[str]:
-    reason = _native.unsupported(call.device, call.dtype, call.requires_grad)
+    reason = _native.unsupported(call.device, call.dtype, False)
     if reason:
         return reason
     planned = _native_plan(call)
-    return planned if isinstance(planned, str) else None
+    if isinstance(planned, str):
+        return planned
+    if call.requires_grad and planned[1] is not None:
+        return "the C++ box kernel is forward-only (inputs require grad); use impl='tiled'"
+    return None
 
 
 def _sdpa_supports(call: Call) -> Optional[str]:
@@ -260,7 +264,8 @@ def _sdpa_supports(call: Call) -> Optional[str]:
 
 
 NATIVE = Implementation("native", run_native, _native_supports,
-                        doc="C++ kernels for masks where each query sees 1-2 key ranges or a grid box (CPU forward)")
+                        doc="C++ kernels for masks where each query sees 1-2 key ranges (CPU, forward and backward) "
+                            "or a grid box (CPU forward)")
 REFERENCE = Implementation("reference", run_reference, doc="dense oracle on the materialized mask, O(L^2)")
 TILED = Implementation("tiled", run_tiled, doc="block-sparse FlashAttention in PyTorch, forward and backward, O(L)")
 FLEX = Implementation("flex", run_flex, _flex_supports, doc="FlexAttention block-sparse kernel (compiled)")

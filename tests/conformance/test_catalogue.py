@@ -14,6 +14,7 @@ import torch
 
 import attnlab
 from attnlab import conformance as C
+from attnlab import native
 from attnlab import reference as R
 from attnlab.catalogue import PATTERNS, Implementation, Mechanism, Param
 from attnlab.patterns import executor
@@ -247,6 +248,8 @@ def test_impl_choice_errors():
     with pytest.raises(ValueError, match="impl='sdpa' cannot serve.*score modifier"):
         attnlab.mechanism("softcap")(q, q, q, impl="sdpa", cap=5.0)
     # the automatic choice serves the call with the first capable implementation, and says which
-    assert m.select(m.prepare(qg, q, q, window=4)).name == "tiled"
+    assert m.select(m.prepare(qg, q, q, window=4)).name == ("native" if native.unavailable() is None else "tiled")
+    soft = attnlab.mechanism("softcap")  # a score modifier: neither C++ kernel serves it, flex is inference-only
+    assert soft.select(soft.prepare(qg, q, q, cap=5.0)).name == "tiled"
     out, lse = m(q, q, q, return_lse=True, window=4)
     assert lse.shape == (1, 2, 16) and out.shape == q.shape
