@@ -32,8 +32,9 @@ Rows with no visible key (``L_q > L_k``) are zero, the catalogue's fully-masked-
 agent a running softmax over keys, the state ``(max m_a, sum Z_a = Σ_j exp(s_aj - m_a), weighted sum
 U_a = Σ_j exp(s_aj - m_a) v_j)``, ``s_aj = scale A_a·k_j``, ``V_A = U / Z``: ``n (d_v + 2)`` floats per head,
 independent of the length. Chunked (causal): n-dimensional causal linear attention with features
-built from each prefix's log-normalizer (:func:`_causal_as_linear`: GEMMs; on CPU without autograd a
-C++ kernel of its own, :func:`_native_chunked`, which moves the reference up chunk by chunk);
+built from each prefix's log-normalizer (:func:`_causal_as_linear`: GEMMs, and on CPU the linear
+kernels, forward and backward; on CPU without autograd a C++ kernel of its own,
+:func:`_native_chunked`, which moves the reference up chunk by chunk);
 where those features would leave the dtype's range (a prefix whose logits all lie more than 60 below
 a later maximum, in float32), per chunk of ``C`` keys every position's prefix ``(max, sum, weighted
 sum)`` from an ``(n, C, C)`` masked exponential combined with the carried state, every exponent

@@ -12,7 +12,8 @@ when the call is causal and runs one of five backends, all computing the same fu
 ``native``     attnlab's C++ kernels (:mod:`attnlab.native`) when every query sees one or two
                ranges of keys (sliding windows, 1-D neighborhoods, prefix-LM, documents, sinks
                plus a window) or, on a 2-D/3-D grid, one box of keys (neighborhoods without
-               dilation, windows): CPU, float32/float64, forward only.
+               dilation, windows): CPU, float32/float64; the range kernel forward and backward,
+               the box kernel forward only.
 ``flex``       FlexAttention (``torch.compile``-d by default) with the same block structure.
                On CPU, torch's FlexAttention kernel is inference-only and does not return the
                LSE; it says so instead of falling back.
