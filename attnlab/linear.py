@@ -418,10 +418,33 @@ def noncausal_fused(q, k, v, *, chunk: int = 64, feature: str = "identity", q_sc
     """:func:`noncausal` without decay on the C++ kernel (:func:`attnlab.native.linear_noncausal`): the
     feature map applied there chunk by chunk (times ``q_scale`` on the queries; with ``rala_scale`` RALA's
     key weights), the state then the read-out, normalized with ``normalize_eps`` (``num / (den + eps)``,
-    no ones column appended). None when the kernel does not serve the call."""
-    if not _native.serves(q, k, v) or q.dtype != k.dtype or q.dtype != v.dtype:
+    no ones column appended; without RALA's weights, forward and backward: :class:`NonCausal`). None when
+    the kernel does not serve the call."""
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        return None
+    if rala_scale == 0 and _recorded((q, k, v)):  # forward and backward on the C++ kernels
+        return NonCausal.apply(q, k, v, Form(chunk, feature, feature_dim, q_scale, normalize_eps))
+    if not _native.serves(q, k, v):
         return None
     return _native.linear_noncausal(q, k, v, chunk, normalize_eps, feature, q_scale, feature_dim, rala_scale)
+
+
+class NonCausal(torch.autograd.Function):
+    """:func:`noncausal_fused` without RALA's weights on the C++ kernels, forward and backward
+    (:func:`attnlab.native.linear_noncausal_backward`: the keys' state again, the queries' gradients and
+    the state's, then the keys'). ``apply(q, k, v, form) -> out`` (``form`` a :class:`Form`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, form: Form):
+        ctx.save_for_backward(q, k, v)
+        ctx.form = form
+        return _native.linear_noncausal(q, k, v, form.chunk, form.eps, form.feature, form.q_scale, form.feature_dim)
+
+    @staticmethod
+    def backward(ctx, dout):
+        f = ctx.form
+        return (*_native.linear_noncausal_backward(*ctx.saved_tensors, dout, f.chunk, f.eps, f.feature, f.q_scale,
+                                                   f.feature_dim), None)
 
 
 def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int = 64) -> torch.Tensor:
@@ -452,6 +475,6 @@ def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int 
     return fwd + bwd - diag
 
 
-__all__ = ["Chunks", "ELEMENTWISE", "EXP_RANGE", "FEATURES", "Form", "bidirectional", "chunked", "chunked_centred",
-           "chunked_normalized", "feature_map", "finish", "finish_centred", "fused", "noncausal", "noncausal_fused",
+__all__ = ["Chunks", "ELEMENTWISE", "EXP_RANGE", "FEATURES", "Form", "NonCausal", "bidirectional", "chunked",
+           "chunked_centred", "chunked_normalized", "feature_map", "finish", "finish_centred", "fused", "noncausal", "noncausal_fused",
            "parallel", "scan_recurrent", "step", "weights", "with_ones"]

@@ -1,8 +1,9 @@
 """attnlab's C++ CPU kernels (``attnlab/csrc``), built on first use and cached.
 
 Kernels, each the fused form of mathematics that also exists in PyTorch here (and is tested against
-it); forward-only but for ``range_attention`` and ``linear_chunks``, which have backward kernels
-(:class:`RangeAttention`, :class:`attnlab.linear.Chunks`):
+it); forward-only but for ``range_attention``, ``linear_chunks`` and ``linear_noncausal``, which
+have backward kernels (:class:`RangeAttention`, :class:`attnlab.linear.Chunks` and
+:class:`attnlab.linear.NonCausal`):
 
 ``range_attention``  exact softmax attention where every query sees one or a few ranges of keys
                      (sliding windows, 1-D neighborhoods, causal, prefix-LM, documents, sinks
@@ -364,6 +365,15 @@ def linear_noncausal(q, k, v, chunk: int, normalize_eps: Optional[float] = None,
     eps = None if normalize_eps is None else float(normalize_eps)
     return module().linear_noncausal(q, k, v, int(chunk), eps, LINEAR_FEATURES.index(feature),
                                      int(feature_dim), float(q_scale), float(rala_scale))
+
+
+def linear_noncausal_backward(q, k, v, dout: torch.Tensor, chunk: int, normalize_eps: Optional[float] = None,
+                              feature: str = "identity", q_scale: float = 1.0, feature_dim: int = 0):
+    """The gradients ``(dq, dk, dv)`` of :func:`linear_noncausal` without RALA's weights for the output's
+    gradient ``dout`` (:class:`attnlab.linear.NonCausal`)."""
+    eps = None if normalize_eps is None else float(normalize_eps)
+    return tuple(module().linear_noncausal_backward(q, k, v, dout, int(chunk), eps, LINEAR_FEATURES.index(feature),
+                                                    int(feature_dim), float(q_scale)))
 
 
 def main() -> int:

@@ -431,6 +431,33 @@ def test_linear_chunks_backward_of_the_centred_form(dtype, tol):
     _close(*_grads_both_paths(fn, leaves, [rnd(B, H, L, Dv), rnd(B, H, F, Dv + 1), rnd(B, H, Dv)]), tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("feature", K.FEATURES)
+@pytest.mark.parametrize("normalized,Lk", [(True, 150), (False, 150), (True, 97)])
+def test_linear_noncausal_backward_equals_autograd_of_the_pytorch_form(dtype, tol, feature, normalized, Lk):
+    """:class:`attnlab.linear.NonCausal`'s backward kernel (features mapped and the normalizer divided
+    inside; cross lengths) against autograd through mapping, ``φq (φkᵀ [v, 1])`` and the division."""
+    B, H, Lq, D, Dv, d, eps = 2, 3, 150, 8, 5, 3, 1e-3
+    g = torch.Generator().manual_seed(11)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    q, k = rnd(B, H, Lq, D), rnd(B, H, Lk, D)
+    if normalized and feature in ("identity", "relu"):  # positive features: a denominator away from 0
+        q, k = q.abs(), k.abs()
+    leaves = [t.requires_grad_() for t in (q, k, rnd(B, H, Lk, Dv))]
+    scale = 1.0 if feature in ("elu+1", "taylor") or not normalized else 0.6
+    eps_given = eps if normalized else None
+
+    def fn(q, k, v):
+        out = K.noncausal_fused(q, k, v, chunk=16, feature=feature, q_scale=scale, normalize_eps=eps_given,
+                                feature_dim=d)
+        if out is None:  # the kernels turned off: the PyTorch form
+            fq, fk = K.feature_map(feature, q, d) * scale, K.feature_map(feature, k, d)
+            out = K.finish(K.noncausal(fq, fk, K.with_ones(v, normalized)), normalized, eps)
+        return (out,)
+
+    _close(*_grads_both_paths(fn, leaves, [rnd(B, H, Lq, Dv)]), tol)
+
+
 def test_native_impl_listed():
     assert executor.NATIVE in executor.MASKED_IMPLS
     assert attnlab.mechanism("sliding_window").impl("native") is executor.NATIVE

@@ -8,6 +8,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "causal chunked linear attention, per-head decay or per-channel gates (CPU forward)");
   m.def("linear_chunks_backward", &linear_chunks_backward, "the gradients of linear_chunks' raw causal form (CPU)");
   m.def("linear_noncausal", &linear_noncausal, "non-causal linear attention without decay (CPU forward)");
+  m.def("linear_noncausal_backward", &linear_noncausal_backward, "the gradients of linear_noncausal (CPU)");
   m.def("map_features", &map_features, "the linear kernels' feature maps as one pass (CPU)");
   m.def("memory_chunks", &memory_chunks, "Titans' neural memory, chunked form (CPU forward)");
   m.def("agent_chunks", &agent_chunks, "agent attention's causal chunked form (CPU forward)");

@@ -1,4 +1,5 @@
-// Backward of the causal chunked linear form (linear_chunks without reverse or strict). Per (batch,
+// Backward of the causal chunked linear form (linear_chunks without reverse or strict; and of
+// linear_noncausal without RALA's weights, at the end). Per (batch,
 // head), one sweep recomputes the state before every chunk (one GEMM per chunk, the states kept:
 // L/C x F x Ds floats), then the chunks are walked backwards with the state's gradient dS' (of the
 // state after the chunk) in cache. The feature map is applied to each chunk as it is read, and its
@@ -304,6 +305,82 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
   });
 }
 
+// The non-causal form without decay (linear_noncausal without RALA's weights): S = phi(K)^T V and
+// z = the sum of phi(k), o = phi(Q) S (/ (phi(Q) z + eps)). Three passes per (batch, head): the keys'
+// S and z; the queries' dn, dd (from num and den recomputed), dphi(q) = dn S^T + dd z^T and
+// dS = sum phi(q)^T dn, dz = sum phi(q)^T dd; the keys' dphi(k) = V dS^T + dz and dV = phi(K) dS.
+template <typename T>
+void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv, int64_t BH,
+                        int64_t Lq, int64_t Lk, int64_t Din, int64_t F, int64_t Dv, int64_t C, int feature,
+                        int64_t taylor_dim, T q_scale, bool normalize, T eps) {
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<T> S(F * Dv), St(Dv * F), z(F), dS(F * Dv), dSt(Dv * F), dz(F), mapped(C * F), mt(F * C),
+        num(C * Dv), dn(C * Dv), dd(C), dphi(C * F);
+    for (int64_t bh = begin; bh < stop; ++bh) {
+      const T* qh = q + bh * Lq * Din;
+      const T* kh = k + bh * Lk * Din;
+      const T* vh = v + bh * Lk * Dv;
+      std::fill(S.begin(), S.end(), T(0));
+      std::fill(z.begin(), z.end(), T(0));
+      std::fill(dS.begin(), dS.end(), T(0));
+      std::fill(dz.begin(), dz.end(), T(0));
+      for (int64_t c0 = 0; c0 < Lk; c0 += C) {  // the keys' state
+        const int64_t n = std::min(C, Lk - c0);
+        attnlab::feature_map(kh + c0 * Din, n, Din, F, feature, taylor_dim, T(1), mapped.data());
+        attnlab::transpose(mapped.data(), n, F, mt.data(), n);
+        attnlab::gemm(F, Dv, n, mt.data(), n, vh + c0 * Dv, Dv, true, S.data(), Dv);
+        for (int64_t f = 0; f < F; ++f)
+          for (int64_t t = 0; t < n; ++t) z[f] += mt[f * n + t];
+      }
+      attnlab::transpose(S.data(), F, Dv, St.data(), F);
+      for (int64_t c0 = 0; c0 < Lq; c0 += C) {  // the queries
+        const int64_t n = std::min(C, Lq - c0);
+        const T* g = dout + (bh * Lq + c0) * Dv;
+        attnlab::feature_map(qh + c0 * Din, n, Din, F, feature, taylor_dim, q_scale, mapped.data());
+        const T* dnum = g;
+        if (normalize) {
+          attnlab::gemm(n, Dv, F, mapped.data(), F, S.data(), Dv, false, num.data(), Dv);
+          for (int64_t t = 0; t < n; ++t) {
+            T den = eps, dot = 0;
+            for (int64_t f = 0; f < F; ++f) den += mapped[t * F + f] * z[f];
+            const T inv = T(1) / den;
+            for (int64_t x = 0; x < Dv; ++x) {
+              dn[t * Dv + x] = g[t * Dv + x] * inv;
+              dot += g[t * Dv + x] * num[t * Dv + x];
+            }
+            dd[t] = -dot * inv * inv;
+          }
+          dnum = dn.data();
+        }
+        attnlab::gemm(n, F, Dv, dnum, Dv, St.data(), F, false, dphi.data(), F);
+        if (normalize)
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t f = 0; f < F; ++f) dphi[t * F + f] += dd[t] * z[f];
+        attnlab::feature_grad(qh + c0 * Din, dphi.data(), n, Din, F, feature, taylor_dim, q_scale,
+                              dq + (bh * Lq + c0) * Din);
+        attnlab::transpose(mapped.data(), n, F, mt.data(), n);
+        attnlab::gemm(F, Dv, n, mt.data(), n, dnum, Dv, true, dS.data(), Dv);
+        if (normalize)
+          for (int64_t f = 0; f < F; ++f)
+            for (int64_t t = 0; t < n; ++t) dz[f] += mt[f * n + t] * dd[t];
+      }
+      attnlab::transpose(dS.data(), F, Dv, dSt.data(), F);
+      for (int64_t c0 = 0; c0 < Lk; c0 += C) {  // the keys' gradients
+        const int64_t n = std::min(C, Lk - c0);
+        attnlab::feature_map(kh + c0 * Din, n, Din, F, feature, taylor_dim, T(1), mapped.data());
+        attnlab::gemm(n, Dv, F, mapped.data(), F, dS.data(), Dv, false, dv + (bh * Lk + c0) * Dv, Dv);
+        attnlab::gemm(n, F, Dv, vh + c0 * Dv, Dv, dSt.data(), F, false, dphi.data(), F);
+        if (normalize)
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t f = 0; f < F; ++f) dphi[t * F + f] += dz[f];
+        attnlab::feature_grad(kh + c0 * Din, dphi.data(), n, Din, F, feature, taylor_dim, T(1),
+                              dk + (bh * Lk + c0) * Din);
+      }
+    }
+    attnlab::gemm_done();
+  });
+}
+
 }  // namespace
 
 // The gradients of linear_chunks' causal form without reverse or strict: q, k (B, H, L, Din) mapped by
@@ -390,4 +467,35 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
   });
   if (centred) return {dq, dk, dv, dS0, dvsum0};
   return {dq, dk, dv, dS0};
+}
+
+// The gradients (dq, dk, dv) of linear_noncausal without RALA's weights (q (B, H, Lq, Din), k
+// (B, H, Lk, Din), v (B, H, Lk, Dv)) for dout (B, H, Lq, Dv).
+std::vector<torch::Tensor> linear_noncausal_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                     torch::Tensor dout, int64_t chunk,
+                                                     c10::optional<double> normalize_eps, int64_t feature,
+                                                     int64_t taylor_dim, double q_scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k (B, H, L, Din), v (B, H, Lk, Dv)");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && dout.scalar_type() == dt, "q, k, v, dout dtypes differ");
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Din = q.size(3), Lk = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Din && v.size(0) == B && v.size(1) == H &&
+                  v.size(2) == Lk, "k, v shapes do not match q");
+  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == B && dout.size(1) == H && dout.size(2) == Lq && dout.size(3) == Dv,
+              "dout must be (B, H, Lq, Dv)");
+  const int64_t F = attnlab::feature_count(feature, taylor_dim, Din);
+  q = q.contiguous();
+  k = k.contiguous();
+  v = v.contiguous();
+  dout = dout.contiguous();
+  auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES(dt, "linear_noncausal_backward", [&] {
+    using T = scalar_t;
+    noncausal_backward<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), dout.data_ptr<T>(), dq.data_ptr<T>(),
+                          dk.data_ptr<T>(), dv.data_ptr<T>(), B * H, Lq, Lk, Din, F, Dv, chunk, static_cast<int>(feature),
+                          taylor_dim, static_cast<T>(q_scale), normalize_eps.has_value(),
+                          static_cast<T>(normalize_eps.value_or(0.0)));
+  });
+  return {dq, dk, dv};
 }
