@@ -162,11 +162,15 @@ def _with_cache(call: Call, state: State, k, v):
 
 
 def _chunked(call: Call, q, k, v, state: Optional[State]):
-    if not call.causal:
-        fq, fk, vv = _linear(call, q, k, v)
-        out = K.finish(K.noncausal(fq, fk, K.with_ones(vv, True)), True, EPS)
+    if not call.causal:  # the Taylor map and the normalizer on the C++ kernel where it serves
+        dt = R.compute_dtype(q.dtype)
+        out = K.noncausal_fused(q.to(dt), k.to(dt), v.to(dt), chunk=call.params["chunk_size"], feature="taylor",
+                                feature_dim=call.params["feature_dim"], normalize_eps=EPS)
+        if out is None:
+            fq, fk, vv = _linear(call, q, k, v)
+            out = K.finish(K.noncausal(fq, fk, K.with_ones(vv, True)), True, EPS)
         if call.params["window"]:
-            out = out + _window(call, q.to(fq.dtype), k.to(fq.dtype), vv)
+            out = out + _window(call, q.to(dt), k.to(dt), v.to(dt))
         return out.to(v.dtype), None
     dt = R.compute_dtype(q.dtype)  # the causal chunked form maps q and k itself
     fq, fk, vv = q.to(dt), k.to(dt), v.to(dt)
@@ -206,14 +210,16 @@ def state_size(heads: int, head_dim: int, value_dim: int, feature_dim: int = 16,
 
 
 def _flops(call: Call) -> float:
-    """Chunked form. Linear part, per chunk of C tokens (F = 1 + d' + d'² features, Dv + 1 columns):
-    scores 2·pairs·F, their values 2·pairs·(Dv+1), state write and read 4·C·F·(Dv+1); causal counts
-    C(C+1)/2 pairs. Window part: 2 (D + Dv) per visible query-key pair (min(window, L) keys per query
-    causal, 2·window - 1 two-sided; the band's masked slots are not counted)."""
+    """Chunked form. Linear part (F = 1 + d' + d'² features, Dv + 1 columns): causal, per chunk of C
+    tokens, scores 2·pairs·F and their values 2·pairs·(Dv+1) over C(C+1)/2 pairs, state write and read
+    4·C·F·(Dv+1); non-causal, the keys' state 2·Lk·F·(Dv+1) and its read-out 2·Lq·F·(Dv+1). Window
+    part: 2 (D + Dv) per visible query-key pair (min(window, L) keys per query causal, 2·window - 1
+    two-sided; the band's masked slots are not counted)."""
     F, Dv1, C = _features(call), call.value_dim + 1, min(call.params["chunk_size"], call.kv_len)
-    pairs = C * (C + 1) / 2 if call.causal else C * C
-    L = max(call.q_len, call.kv_len)
-    linear = (2 * pairs * (F + Dv1) + 4 * C * F * Dv1) * L / C
+    if call.causal:
+        linear = (2 * C * (C + 1) / 2 * (F + Dv1) + 4 * C * F * Dv1) * max(call.q_len, call.kv_len) / C
+    else:
+        linear = 2 * F * Dv1 * (call.q_len + call.kv_len)
     W = call.params["window"]
     keys = min(W, call.kv_len) if call.causal else min(2 * W - 1, call.kv_len) if W else 0
     window = 2 * (call.head_dim + call.value_dim) * keys * call.q_len

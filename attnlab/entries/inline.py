@@ -151,8 +151,10 @@ def _chunked(call: Call, q, k, v, state):
     vv = v.to(fq.dtype)
     W = _weights(call, fq.dtype)
     L = k.shape[2]
-    if not call.causal:
-        out = _finish(call, K.noncausal(fq, fk, K.with_ones(vv, True)), vv.mean(2, keepdim=True), L)
+    if not call.causal:  # the finish folded into the state: scale/N (φq S - (φq z) ū) + ū = φq S' + ū
+        ubar = vv.mean(2, keepdim=True)
+        centred = (call.scale / L) * (fk.transpose(-1, -2) @ vv - fk.sum(2)[..., None] * ubar)
+        out = fq @ centred + ubar
         if W is not None:
             out = out + local_term(W, vv, torch.arange(q.shape[2], device=q.device) + (L - q.shape[2]), False)
         return out.to(v.dtype), None
@@ -215,11 +217,14 @@ def _state_size(heads: int, head_dim: int, value_dim: int, **params) -> int:
 
 
 def _flops(call: Call) -> float:
-    """Chunked linear attention with the ones column (QKᵀ, (QKᵀ)V, KᵀV, Q·S per chunk; causal: half the
-    pairs), the centring (2 Dv per query) and the local term (2 w Dv per query)."""
+    """Causal: chunked linear attention with the ones column (QKᵀ and (QKᵀ)V over each chunk's C(C+1)/2
+    pairs, KᵀV and Q·S). Non-causal: the keys' state 2 Lk D (Dv + 1) and the centred state's read-out
+    2 Lq D Dv. Plus the centring (2 Dv per query) and the local term (2 w Dv per query)."""
     D, Dv, C = call.head_dim, call.value_dim + 1, min(call.params["chunk_size"], call.kv_len)
-    pairs = C * (C + 1) / 2 if call.causal else C * C
-    linear = (2 * pairs * (D + Dv) + 4 * C * D * Dv) * max(call.q_len, call.kv_len) / C
+    if call.causal:
+        linear = (2 * C * (C + 1) / 2 * (D + Dv) + 4 * C * D * Dv) * max(call.q_len, call.kv_len) / C
+    else:
+        linear = 2 * D * Dv * call.kv_len + 2 * D * call.value_dim * call.q_len
     has_local = call.params.get("local_weights") is not None
     local = 2 * _window(call.params) * call.value_dim * call.q_len * has_local
     return call.batch * call.q_heads * (linear + 2 * call.value_dim * call.q_len + local)
