@@ -225,7 +225,8 @@ def finish_centred(raw: torch.Tensor, ubar, count, scale: float) -> torch.Tensor
 
 class Form(NamedTuple):
     """:class:`Chunks`' settings: as :func:`attnlab.native.linear_chunks` takes them (``eps``: normalize;
-    ``centre_scale`` and ``count``: InLine's centred finish, with the value sum an input of its own)."""
+    ``centre_scale`` and ``count``: InLine's centred finish, with the value sum an input of its own;
+    ``reverse`` and ``strict``: the anti-causal half of a bidirectional form)."""
     chunk: int
     feature: str = "identity"
     feature_dim: int = 0
@@ -233,6 +234,8 @@ class Form(NamedTuple):
     eps: Optional[float] = None
     centre_scale: float = 0.0
     count: int = 0
+    reverse: bool = False
+    strict: bool = False
 
 
 class Chunks(torch.autograd.Function):
@@ -258,7 +261,7 @@ class Chunks(torch.autograd.Function):
         centre = None if vsum is None else (vsum, form.centre_scale, form.count)
         out = _native.linear_chunks(q, k, v, S, log_decay, form.chunk, log_gates, normalize_eps=form.eps,
                                     feature=form.feature, q_scale=form.q_scale, centre=centre,
-                                    feature_dim=form.feature_dim)
+                                    feature_dim=form.feature_dim, reverse=form.reverse, strict=form.strict)
         ctx.save_for_backward(q, k, v, S0, vsum0, log_decay, log_gates, S, out if form.eps is not None else None)
         ctx.form = form
         return out, S, vsum
@@ -270,7 +273,8 @@ class Chunks(torch.autograd.Function):
         dout = torch.zeros_like(v) if dout is None else dout
         centre = None if vsum0 is None else (vsum0, f.centre_scale, f.count)
         dq, dk, dv, dS0, *dvsum0 = _native.linear_chunks_backward(
-            q, k, v, S0, lam, g, dout, dS, f.chunk, out, f.eps, f.feature, f.q_scale, f.feature_dim, centre)
+            q, k, v, S0, lam, g, dout, dS, f.chunk, out, f.eps, f.feature, f.q_scale, f.feature_dim, centre,
+            f.reverse, f.strict)
         dvsum0 = dvsum0[0] if dvsum0 else None
         if dvsum is not None:  # the final sum is the first plus every value
             dv = dv + dvsum[:, :, None]
@@ -278,11 +282,14 @@ class Chunks(torch.autograd.Function):
         dlam = dg = None
         if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
             dG = q * dq - k * dk
+            if f.reverse:  # read backwards: G runs from the end, the final state sits at position 0
+                dG = dG.flip(2)
             if dS is not None:
                 dG[:, :, -1] += (S * dS).sum(-1)
             if g is not None:
                 dG = dG.sum(-1, keepdim=True) if g.shape[-1] == 1 else dG
                 dg = dG.flip(2).cumsum(2).flip(2)
+                dg = dg.flip(2) if f.reverse else dg
             else:
                 t = torch.arange(1, dG.shape[2] + 1, dtype=dG.dtype, device=dG.device)
                 dlam = (dG.sum(-1) * t).sum((0, 2))
@@ -405,6 +412,10 @@ def bidirectional(fq, fk, v, *, chunk: int, log_decay=None, log_gates=None, q_sc
     a token's own pair counts once); ``log_gates`` = ``(forward, backward)`` per-channel log gates, the
     backward ones read backwards too. None when the kernel does not serve the call."""
     g, gb = log_gates if log_gates is not None else (None, None)
+    if _recorded((fq, fk, v), (log_decay, g, gb)):  # forward and backward on the C++ kernels
+        S0, form = fq.new_zeros(fq.shape[:2] + (fq.shape[-1], v.shape[-1])), Form(chunk, q_scale=q_scale)
+        return (_through_kernels(fq, fk, v, S0, log_decay, g, form)[0]
+                + _through_kernels(fq, fk, v, S0, log_decay, gb, form._replace(reverse=True, strict=strict))[0])
     S = _kernel_state(fq.new_zeros(fq.shape[:2] + (fq.shape[-1], v.shape[-1])), fq, fk, v, log_decay, g, gb)
     if S is None:
         return None

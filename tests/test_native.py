@@ -415,6 +415,38 @@ def test_linear_chunks_backward_through_feature_map_and_normalizer(dtype, tol, f
                               [rnd(B, H, L, Dv), rnd(B, H, F, Dv + 1)]), tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("decay", ["none", "head", "gates", "strong_gates"])
+@pytest.mark.parametrize("strict", [False, True])
+def test_linear_chunks_backward_read_backwards(dtype, tol, decay, strict):
+    """The anti-causal half of the bidirectional forms (``reverse``, ``strict``) in the backward kernel:
+    every gradient (the decay's and gates' too) equals autograd through the flipped causal form on the
+    PyTorch path, the diagonal pair subtracted when strict."""
+    B, H, L, F, Dv = 2, 3, 150, 8, 5
+    g = torch.Generator().manual_seed(13)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    leaves = [0.5 * rnd(B, H, L, F), 0.5 * rnd(B, H, L, F), rnd(B, H, L, Dv), rnd(B, H, F, Dv)]
+    if decay == "head":
+        leaves.append(-0.3 * torch.rand(H, generator=g, dtype=torch.float64).to(dtype))
+    elif decay != "none":
+        leaves.append(-(0.3 if decay == "gates" else 20.0) * torch.rand(B, H, L, F, generator=g, dtype=torch.float64)
+                      .to(dtype))
+    leaves = [t.requires_grad_() for t in leaves]
+    form = K.Form(16, q_scale=0.7, reverse=True, strict=strict)
+
+    def fn(q, k, v, S0, *extra):
+        lam = extra[0] if decay == "head" else None
+        gates = extra[0] if extra and decay != "head" else None
+        if native.unavailable() is None:
+            return K._through_kernels(q, k, v, S0, lam, gates, form)[:2]
+        flip = lambda x: None if x is None else x.flip(2)  # noqa: E731
+        out, S = K.chunked(flip(q) * 0.7, flip(k), flip(v), S0, chunk=16, log_decay=lam, log_gates=flip(gates))
+        out = out.flip(2)
+        return (out - ((q * 0.7 * k).sum(-1, keepdim=True) * v if strict else 0)), S
+
+    _close(*_grads_both_paths(fn, leaves, [rnd(B, H, L, Dv), rnd(B, H, F, Dv)]), tol)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
 def test_linear_chunks_backward_of_the_centred_form(dtype, tol):
     """InLine's centred finish in the backward kernel: gradients w.r.t. q, k, v, the initial state and

@@ -76,7 +76,19 @@ void feature_grad(const T* src, const T* dy, int64_t rows, int64_t Din, int64_t 
     }
     return;
   }
-  for (int64_t x = 0; x < rows * F; ++x) {
+  // elementwise, a vector of lanes at a time (NaN inputs give NaN: exp(NaN), or a NaN dy)
+  using V = typename Vec<T>::V;
+  constexpr int L = LANES<T>;
+  const int64_t count = rows * F;
+  int64_t x = 0;
+  for (; x + L <= count; x += L) {
+    const V a = load<T>(src + x), g = factor * load<T>(dy + x), zero = V{};
+    V y = g;
+    if (feature == 1) y = a > zero ? g : g * exp_nonpositive(a > zero ? zero : a);
+    if (feature == 2) y = a > zero ? g : zero;
+    store<T>(dx + x, feature == 1 ? keep_nan<T>(a, y) : y);
+  }
+  for (; x < count; ++x) {
     const T a = src[x];
     const T slope = feature == 1 ? (a > 0 ? T(1) : std::exp(a)) : feature == 2 ? (a > 0 ? T(1) : T(0)) : T(1);
     dx[x] = factor * dy[x] * slope;

@@ -1,4 +1,4 @@
-// Backward of the causal chunked linear form (linear_chunks without reverse or strict; and of
+// Backward of the causal chunked linear form (linear_chunks, read forwards or backwards; and of
 // linear_noncausal without RALA's weights, at the end). Per (batch,
 // head), one sweep recomputes the state before every chunk (one GEMM per chunk, the states kept:
 // L/C x F x Ds floats), then the chunks are walked backwards with the state's gradient dS' (of the
@@ -98,7 +98,8 @@ struct Finish {
 template <typename T>
 void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, int64_t cols, const T* S0,
               const T* dout, const T* dSL, T* dq, T* dk, T* dv, T* dS0, int64_t BH, int64_t H, int64_t L, int64_t Din,
-              int64_t F, int64_t Dv, int64_t C, int feature, int64_t taylor_dim, T q_scale, const Finish<T>& fin) {
+              int64_t F, int64_t Dv, int64_t C, int feature, int64_t taylor_dim, T q_scale, const Finish<T>& fin,
+              bool reverse, bool strict) {
   const bool normalize = fin.normalize, centre = fin.vsum0 != nullptr;
   const int64_t m = (L + C - 1) / C, Ds = Dv + (normalize ? 1 : 0);  // state rows: Dv values, then z
   const bool map_q = feature != 0 || q_scale != T(1), map_k = feature != 0;
@@ -112,6 +113,29 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
     if (normalize) dn.resize(C * Dv), dd.resize(C);
     std::vector<T> vsums, vs(Dv), du, r(Dv);  // InLine: the values' sum before each chunk, du / N, its reverse sum
     if (centre) vsums.resize(std::max<int64_t>(m, 1) * Dv), du.resize(C * Dv);
+    // reverse: the chunk's rows read backwards into buffers, its gradients' rows written back from them
+    std::vector<T> rq, rk, rv, rg, rdo, oq, ok, ov;
+    if (reverse) {
+      for (auto* b : {&rq, &rk, &oq, &ok}) b->resize(C * Din);
+      for (auto* b : {&rv, &rdo, &ov}) b->resize(C * Dv);
+      rg.resize(C * std::max<int64_t>(cols, 1));
+    }
+    auto rows = [&](const T* base, int64_t width, int64_t c0, int64_t n, std::vector<T>& buf) -> const T* {
+      if (!base || !reverse) return base ? base + c0 * width : nullptr;
+      const int64_t r0 = L - c0 - n;
+      for (int64_t t = 0; t < n; ++t)
+        std::copy(base + (r0 + n - 1 - t) * width, base + (r0 + n - t) * width, buf.data() + t * width);
+      return buf.data();
+    };
+    auto target = [&](T* base, int64_t width, int64_t c0, std::vector<T>& buf) {
+      return reverse ? buf.data() : base + c0 * width;
+    };
+    auto land = [&](const std::vector<T>& buf, T* base, int64_t width, int64_t c0, int64_t n) {
+      if (!reverse) return;
+      const int64_t r0 = L - c0 - n;
+      for (int64_t t = 0; t < n; ++t)
+        std::copy(buf.data() + t * width, buf.data() + (t + 1) * width, base + (r0 + n - 1 - t) * width);
+    };
     // the chunk's features: q, k as they are, or mapped (q times q_scale) into qm, km
     auto features = [&](const T* qc, const T* kc, int64_t n, const T** fq, const T** fk) {
       if (map_q) attnlab::feature_map(qc, n, Din, F, feature, taylor_dim, q_scale, qm.data());
@@ -131,19 +155,20 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
       if (centre) std::copy(fin.vsum0 + bh * Dv, fin.vsum0 + (bh + 1) * Dv, vsums.data());
       for (int64_t c = 0; c + 1 < m; ++c) {
         const int64_t c0 = c * C, n = std::min(C, L - c0);
-        const T* fk = kh + c0 * Din;
+        const T* fk = rows(kh, Din, c0, n, rk);
+        const T* vc = rows(vh, Dv, c0, n, rv);
         if (map_k) {
           attnlab::feature_map(fk, n, Din, F, feature, taylor_dim, T(1), km.data());
           fk = km.data();
         }
-        tab.build(gh ? gh + c0 * cols : nullptr, cols, l, n, F);
+        tab.build(rows(gh, cols, c0, n, rg), cols, l, n, F);
         const T* S = states.data() + c * F * Ds;
         T* Sn = states.data() + (c + 1) * F * Ds;
         for (int64_t f = 0; f < F; ++f)
           for (int64_t d = 0; d < Ds; ++d) Sn[f * Ds + d] = tab.across[f] * S[f * Ds + d];
         for (int64_t s = 0; s < n; ++s)
           for (int64_t f = 0; f < F; ++f) krt[f * n + s] = fk[s * F + f] * tab.KF[s * F + f];
-        attnlab::gemm(F, Dv, n, krt.data(), n, vh + c0 * Dv, Dv, true, Sn, Ds);
+        attnlab::gemm(F, Dv, n, krt.data(), n, vc, Dv, true, Sn, Ds);
         if (normalize) attnlab::add_key_sums(krt.data(), F, n, Sn, Ds, Dv);
         if (centre) {
           std::copy(vsums.data() + c * Dv, vsums.data() + (c + 1) * Dv, vsums.data() + (c + 1) * Dv);
@@ -160,14 +185,18 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
       for (int64_t c = m - 1; c >= 0; --c) {
         const int64_t c0 = c * C, n = std::min(C, L - c0);
         const T *qc, *kc;
-        features(qh + c0 * Din, kh + c0 * Din, n, &qc, &kc);
-        const T* vc = vh + c0 * Dv;
-        const T* doc = dout + (bh * L + c0) * Dv;
-        T* dqc = map_q ? dqm.data() : dq + (bh * L + c0) * F;
-        T* dkc = map_k ? dkm.data() : dk + (bh * L + c0) * F;
-        T* dvc = dv + (bh * L + c0) * Dv;
+        const T* qraw = rows(qh, Din, c0, n, rq);
+        const T* kraw = rows(kh, Din, c0, n, rk);
+        features(qraw, kraw, n, &qc, &kc);
+        const T* vc = rows(vh, Dv, c0, n, rv);
+        const T* doc = rows(dout + bh * L * Dv, Dv, c0, n, rdo);
+        T* dqo = target(dq + bh * L * Din, Din, c0, oq);  // where the chunk's dq, dk, dv rows go
+        T* dko = target(dk + bh * L * Din, Din, c0, ok);
+        T* dvc = target(dv + bh * L * Dv, Dv, c0, ov);
+        T* dqc = map_q ? dqm.data() : dqo;
+        T* dkc = map_k ? dkm.data() : dko;
         const T* S = states.data() + c * F * Ds;
-        tab.build(gh ? gh + c0 * cols : nullptr, cols, l, n, F);
+        tab.build(rows(gh, cols, c0, n, rg), cols, l, n, F);
         const int mode = tab.mode;
         for (int64_t x = 0; x < n * F; ++x) {
           qr[x] = qc[x] * tab.QF[x];
@@ -200,6 +229,8 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
           else
             for (int64_t t = 0; t < n; ++t) std::fill(A.data() + t * n + t + 1, A.data() + (t + 1) * n, T(0));
         }
+        if (strict)  // each token's own pair left out
+          for (int64_t t = 0; t < n; ++t) A[t * n + t] = T(0);
         if (normalize) {  // the gradients of num (dn) and den (dd), from the finish
           if (centre) std::copy(vsums.data() + c * Dv, vsums.data() + (c + 1) * Dv, vs.data());
           for (int64_t t = 0; t < n; ++t) {
@@ -244,6 +275,8 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
           for (int64_t x = 0; x < n * n; ++x) M[x] *= tab.w[x];
         else
           for (int64_t t = 0; t < n; ++t) std::fill(M.data() + t * n + t + 1, M.data() + (t + 1) * n, T(0));
+        if (strict)
+          for (int64_t t = 0; t < n; ++t) M[t * n + t] = T(0);
         attnlab::transpose(M.data(), n, n, Mt.data(), n);
         // dQ = intra + (dO S^T + dd z^T) * QF
         for (int64_t f = 0; f < F; ++f)
@@ -293,10 +326,11 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
             dS[f * Ds + Dv] += z;
           }
         // through the feature map
-        if (map_q)
-          attnlab::feature_grad(qh + c0 * Din, dqm.data(), n, Din, F, feature, taylor_dim, q_scale, dq + (bh * L + c0) * Din);
-        if (map_k)
-          attnlab::feature_grad(kh + c0 * Din, dkm.data(), n, Din, F, feature, taylor_dim, T(1), dk + (bh * L + c0) * Din);
+        if (map_q) attnlab::feature_grad(qraw, dqm.data(), n, Din, F, feature, taylor_dim, q_scale, dqo);
+        if (map_k) attnlab::feature_grad(kraw, dkm.data(), n, Din, F, feature, taylor_dim, T(1), dko);
+        land(oq, dq + bh * L * Din, Din, c0, n);
+        land(ok, dk + bh * L * Din, Din, c0, n);
+        land(ov, dv + bh * L * Dv, Dv, c0, n);
       }
       std::copy(dS.begin(), dS.end(), dS0 + bh * F * Ds);
       if (centre) std::copy(r.begin(), r.end(), fin.dvsum0 + bh * Dv);
@@ -383,7 +417,7 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
 
 }  // namespace
 
-// The gradients of linear_chunks' causal form without reverse or strict: q, k (B, H, L, Din) mapped by
+// The gradients of linear_chunks' causal form (reverse and strict too, not add_to): q, k (B, H, L, Din) mapped by
 // `feature` (q times q_scale); v (B, H, L, Dv); log_decay (H,) or log_gates (B, H, L, F|1), or neither;
 // state0 (B, H, F, Ds) the initial state (Ds = Dv + 1 with normalize_eps or centre, the normalizer's
 // column last); dout (B, H, L, Dv) the output's gradient, d_state the final state's (or undefined:
@@ -398,7 +432,7 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
                                                   c10::optional<torch::Tensor> out, c10::optional<double> normalize_eps,
                                                   int64_t feature, int64_t taylor_dim, double q_scale,
                                                   c10::optional<torch::Tensor> centre, double centre_scale,
-                                                  int64_t count0) {
+                                                  int64_t count0, bool reverse, bool strict) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4, "q, k must be (B, H, L, Din), v (B, H, L, Dv)");
   const auto dt = q.scalar_type();
   TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && state0.scalar_type() == dt && dout.scalar_type() == dt,
@@ -409,6 +443,7 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
   const bool centred = centre.has_value() && centre->defined();
   TORCH_CHECK(!(centred && normalize_eps.has_value()), "give normalize_eps or centre, not both");
   const bool normalize = normalize_eps.has_value() || centred;
+  TORCH_CHECK(!(reverse || strict) || !normalize, "reverse and strict take the raw form (no normalizer, no centre)");
   TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == L, "v must be (B, H, L, Dv)");
   TORCH_CHECK(dout.sizes() == v.sizes(), "dout must be (B, H, L, Dv)");
   TORCH_CHECK(state0.dim() == 4 && state0.size(0) == B && state0.size(1) == H && state0.size(2) == F &&
@@ -463,7 +498,7 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
                 gates.defined() ? gates.data_ptr<T>() : nullptr, gates.defined() ? gates.size(3) : 0,
                 state0.data_ptr<T>(), dout.data_ptr<T>(), has_dS ? dSL.data_ptr<T>() : nullptr, dq.data_ptr<T>(),
                 dk.data_ptr<T>(), dv.data_ptr<T>(), dS0.data_ptr<T>(), B * H, H, L, Din, F, Dv, chunk,
-                static_cast<int>(feature), taylor_dim, static_cast<T>(q_scale), fin);
+                static_cast<int>(feature), taylor_dim, static_cast<T>(q_scale), fin, reverse, strict);
   });
   if (centred) return {dq, dk, dv, dS0, dvsum0};
   return {dq, dk, dv, dS0};
