@@ -244,15 +244,16 @@ class Chunks(torch.autograd.Function):
     state's and the value sum's gradients, through the feature map and the finish).
     ``apply(q, k, v, S0, value_sum0, log_decay, log_gates, form) -> (out, S, value_sum)`` (``value_sum0``
     None unless centred; ``form`` a :class:`Form`); the gates ``(B, H, L, F|1)``; a feature map other
-    than the identity only where the decay and gates need no gradient (:func:`_through_kernels` maps
-    the features in PyTorch otherwise).
+    than the identity only where the decay needs no gradient (:func:`_through_kernels` maps the
+    features in PyTorch otherwise).
 
-    The gates' gradient: with ``G_t`` the cumulative log gate (``Σ_{i<=t} g_i``), every term of the
-    output and of the final state ``S_L`` holds ``G_t`` as ``φq_t e^{G_t}`` or ``φk_t e^{-G_t}`` (and
-    ``S_L`` as ``e^{G_L}`` on its rows), so ``∂/∂G_t = φq_t ⊙ dφq_t - φk_t ⊙ dφk_t`` (plus
-    ``Σ_d S_L ⊙ dS_L`` at ``t = L``), and ``dg_i = Σ_{t>=i} ∂/∂G_t``; one gate per token sums the
-    channels, and a per-head decay ``λ`` (``G_t = λ t``) gives ``dλ = Σ_t t ∂/∂G_t``. With the identity
-    map and a factor on the queries, ``φq ⊙ dφq = q ⊙ dq``."""
+    The gates' gradient: with ``G_t`` the cumulative log gate (``Σ_{i<=t} g_i``, in reading order),
+    every term of the output and of the final state ``S_L`` holds ``G_t`` as ``φq_t e^{G_t}`` or
+    ``φk_t e^{-G_t}`` (and ``S_L`` as ``e^{G_L}`` on its rows), so ``∂/∂G_t = φq_t ⊙ dφq_t - φk_t ⊙ dφk_t``
+    (plus ``Σ_d S_L ⊙ dS_L`` at ``t = L``), and ``dg_i = Σ_{t>=i} ∂/∂G_t``: the backward kernel sums it
+    as it walks back (one gate per token sums the channels). A per-head decay ``λ`` (``G_t = λ t``)
+    gives ``dλ = Σ_t t ∂/∂G_t``, here from dq and dk: with the identity map and a factor on the
+    queries, ``φq ⊙ dφq = q ⊙ dq``."""
 
     @staticmethod
     def forward(ctx, q, k, v, S0, vsum0, log_decay, log_gates, form: Form):
@@ -272,34 +273,30 @@ class Chunks(torch.autograd.Function):
         f = ctx.form
         dout = torch.zeros_like(v) if dout is None else dout
         centre = None if vsum0 is None else (vsum0, f.centre_scale, f.count)
-        dq, dk, dv, dS0, *dvsum0 = _native.linear_chunks_backward(
+        gates_grad = ctx.needs_input_grad[6]
+        dq, dk, dv, dS0, *more = _native.linear_chunks_backward(
             q, k, v, S0, lam, g, dout, dS, f.chunk, out, f.eps, f.feature, f.q_scale, f.feature_dim, centre,
-            f.reverse, f.strict)
-        dvsum0 = dvsum0[0] if dvsum0 else None
+            f.reverse, f.strict, S, gates_grad)
+        dvsum0 = more.pop(0) if centre is not None else None
+        dg = more.pop(0) if gates_grad else None  # summed inside the kernel as it walks backwards
         if dvsum is not None:  # the final sum is the first plus every value
             dv = dv + dvsum[:, :, None]
             dvsum0 = dvsum0 + dvsum
-        dlam = dg = None
-        if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
-            dG = q * dq - k * dk
-            if f.reverse:  # read backwards: G runs from the end, the final state sits at position 0
-                dG = dG.flip(2)
+        dlam = None
+        if ctx.needs_input_grad[5]:  # dλ = Σ_t t ∂/∂G_t, in reading order
+            dG = (q * dq - k * dk).sum(-1)
+            dG = dG.flip(2) if f.reverse else dG  # read backwards: G runs from the end, S_L sits at position 0
             if dS is not None:
-                dG[:, :, -1] += (S * dS).sum(-1)
-            if g is not None:
-                dG = dG.sum(-1, keepdim=True) if g.shape[-1] == 1 else dG
-                dg = dG.flip(2).cumsum(2).flip(2)
-                dg = dg.flip(2) if f.reverse else dg
-            else:
-                t = torch.arange(1, dG.shape[2] + 1, dtype=dG.dtype, device=dG.device)
-                dlam = (dG.sum(-1) * t).sum((0, 2))
+                dG[:, :, -1] += (S * dS).sum((-1, -2))
+            t = torch.arange(1, dG.shape[2] + 1, dtype=dG.dtype, device=dG.device)
+            dlam = (dG * t).sum((0, 2))
         return dq, dk, dv, dS0, dvsum0, dlam, dg, None
 
 
 def _through_kernels(q, k, v, S, log_decay, log_gates, form: Form, vsum0=None):
     """:class:`Chunks` for a call autograd records: the feature map in PyTorch first where the decay's
-    or the gates' gradient needs the features, the gates broadcast, the decay in the compute dtype."""
-    if form.feature != "identity" and any(t is not None and t.requires_grad for t in (log_decay, log_gates)):
+    gradient needs the features, the gates broadcast, the decay in the compute dtype."""
+    if form.feature != "identity" and log_decay is not None and log_decay.requires_grad:
         q, k = _mapped(q, k, form.feature, form.q_scale, form.feature_dim)
         form = form._replace(feature="identity", q_scale=1.0, feature_dim=0)
     if log_gates is not None:

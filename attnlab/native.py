@@ -285,18 +285,20 @@ def linear_chunks_backward(q, k, v, state0: torch.Tensor, log_decay: Optional[to
                            log_gates: Optional[torch.Tensor], dout: torch.Tensor, d_state: Optional[torch.Tensor],
                            chunk: int, out: Optional[torch.Tensor] = None, normalize_eps: Optional[float] = None,
                            feature: str = "identity", q_scale: float = 1.0, feature_dim: int = 0,
-                           centre: Optional[tuple] = None, reverse: bool = False, strict: bool = False):
+                           centre: Optional[tuple] = None, reverse: bool = False, strict: bool = False,
+                           final_state: Optional[torch.Tensor] = None, gates_grad: bool = False):
     """The gradients ``(dq, dk, dv, d_state0)`` of :func:`linear_chunks` (without ``add_to``) for the
     output's gradient ``dout`` and the final state's ``d_state`` (None: zero);
     ``state0`` the initial state; with ``normalize_eps``, ``out`` the forward's output; with ``centre =
-    (value_sum, scale, count)`` (the sum before the segment), that sum's gradient too.
+    (value_sum, scale, count)`` (the sum before the segment), that sum's gradient next; with ``gates_grad``
+    the gates' gradient last (``final_state``: the forward's, needed with ``d_state``).
     See :class:`attnlab.linear.Chunks` for the gates' and the decay's."""
     eps = None if normalize_eps is None else float(normalize_eps)
     vsum, cscale, count = centre if centre is not None else (None, 0.0, 0)
     return tuple(module().linear_chunks_backward(q, k, v, state0, log_decay, log_gates, dout, d_state, int(chunk),
                                                  out, eps, LINEAR_FEATURES.index(feature), int(feature_dim),
                                                  float(q_scale), vsum, float(cscale), int(count), bool(reverse),
-                                                 bool(strict)))
+                                                 bool(strict), final_state, bool(gates_grad)))
 
 
 def memory_chunks(q, k, v, ws: list, g: list, coefficients, chunk: int, pos0: int, activation: str) -> torch.Tensor:

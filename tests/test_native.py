@@ -364,11 +364,13 @@ def _close(fast, slow, tol):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
 @pytest.mark.parametrize("decay", ["none", "head", "token_gates", "gates", "strong_gates"])
 @pytest.mark.parametrize("L,chunk", [(150, 16), (64, 64), (7, 16)])
-def test_linear_chunks_backward_equals_autograd_of_the_pytorch_path(dtype, tol, decay, L, chunk):
+@pytest.mark.parametrize("feature", ["identity", "elu+1"])
+def test_linear_chunks_backward_equals_autograd_of_the_pytorch_path(dtype, tol, decay, L, chunk, feature):
     """:class:`attnlab.linear.Chunks`' backward kernel: dq, dk, dv, the initial state's, the decay's and
-    the gates' gradients, for a loss on the output and on the final state, against autograd through
-    the PyTorch chunked form; a remainder chunk, one chunk, less than one; gates strong enough to take
-    the pair-by-pair path in some chunks."""
+    the gates' gradients (the gates' summed inside the kernel, through a feature map too), for a loss on
+    the output and on the final state, against autograd through the PyTorch chunked form; a remainder
+    chunk, one chunk, less than one; gates strong enough to take the pair-by-pair path in some
+    chunks."""
     B, H, F, Dv = 2, 3, 8, 5
     g = torch.Generator().manual_seed(7)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
@@ -383,7 +385,7 @@ def test_linear_chunks_backward_equals_autograd_of_the_pytorch_path(dtype, tol, 
     def fn(q, k, v, S0, *extra):
         lam = extra[0] if decay == "head" else None
         gates = extra[0] if extra and decay != "head" else None
-        return K.chunked(q, k, v, S0, chunk=chunk, log_decay=lam, log_gates=gates)
+        return K.chunked(q, k, v, S0, chunk=chunk, log_decay=lam, log_gates=gates, feature=feature, q_scale=0.8)
 
     _close(*_grads_both_paths(fn, leaves, [rnd(B, H, L, Dv), rnd(B, H, F, Dv)]), tol)
 

@@ -20,9 +20,10 @@
 //   per-head decay or one gate per token (W): M K and M^T Q;
 //   per-channel gates in range (A = tril((Q e^G) (K e^-G)^T)): (M (K e^-G)) e^G and (M^T (Q e^G)) e^-G;
 //   per-channel gates beyond it: pair by pair, sum_s M_ts K_sf e^(G_tf - G_sf) and its transpose.
-// The gates' own gradient follows from dQ and dK (attnlab/linear.py): the cumulative log gate G_t
-// enters as q_t e^G_t and k_t e^-G_t only, so dG_t = q_t dq_t - k_t dk_t (plus the final state's
-// term at the last token), summed backwards over t.
+// The gates' own gradient: the cumulative log gate G_t enters as phi(q_t) e^G_t and phi(k_t) e^-G_t
+// only (and the final state as e^G_L on its rows), so dG_t = phi(q_t) dphi(q_t) - phi(k_t) dphi(k_t)
+// (plus sum(S_L * dS_L) per row at the last token), and dg_t is the sum of dG over t and every later
+// token: a running sum as the walk goes backwards.
 #include "linear.h"
 #include "native.h"
 #include "simd.h"
@@ -47,9 +48,9 @@ void anticausal_values(int64_t n, int64_t Dv, const T* s, const T* x, T* o) {
 template <typename T>
 struct Tables {
   int mode = 0;  // 0: W (no decay, per-head decay, one gate per token); 1: per-channel gates, one GEMM; 2: pair by pair
-  std::vector<T> w, G, QF, KF, across, gt;
+  std::vector<T> w, G, QF, KF, EG, across, gt;  // EG = exp(-G) (per-channel gates in range)
   int64_t built = -1;  // mode 0 with a per-head decay: the chunk length w was built for
-  Tables(int64_t C, int64_t F) : w(C * C), G(C * F), QF(C * F), KF(C * F), across(F), gt(C) {}
+  Tables(int64_t C, int64_t F) : w(C * C), G(C * F), QF(C * F), KF(C * F), EG(C * F), across(F), gt(C) {}
 
   // gc: the chunk's gates (n x cols) or null; l: the per-head log decay (0: none)
   void build(const T* gc, int64_t cols, T l, int64_t n, int64_t F) {
@@ -62,6 +63,8 @@ struct Tables {
         QF[x] = std::exp(G[x]);
         KF[x] = std::exp(last[x % F] - G[x]);
       }
+      if (mode == 1)
+        for (int64_t x = 0; x < n * F; ++x) EG[x] = std::exp(-G[x]);
       for (int64_t f = 0; f < F; ++f) across[f] = std::exp(last[f]);
       return;
     }
@@ -99,7 +102,7 @@ template <typename T>
 void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, int64_t cols, const T* S0,
               const T* dout, const T* dSL, T* dq, T* dk, T* dv, T* dS0, int64_t BH, int64_t H, int64_t L, int64_t Din,
               int64_t F, int64_t Dv, int64_t C, int feature, int64_t taylor_dim, T q_scale, const Finish<T>& fin,
-              bool reverse, bool strict) {
+              bool reverse, bool strict, const T* SL, T* dgates) {
   const bool normalize = fin.normalize, centre = fin.vsum0 != nullptr;
   const int64_t m = (L + C - 1) / C, Ds = Dv + (normalize ? 1 : 0);  // state rows: Dv values, then z
   const bool map_q = feature != 0 || q_scale != T(1), map_k = feature != 0;
@@ -114,8 +117,9 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
     std::vector<T> vsums, vs(Dv), du, r(Dv);  // InLine: the values' sum before each chunk, du / N, its reverse sum
     if (centre) vsums.resize(std::max<int64_t>(m, 1) * Dv), du.resize(C * Dv);
     // reverse: the chunk's rows read backwards into buffers, its gradients' rows written back from them
-    std::vector<T> rq, rk, rv, rg, rdo, oq, ok, ov;
+    std::vector<T> rq, rk, rv, rg, rdo, oq, ok, ov, og, gacc(std::max<int64_t>(cols, 1));
     if (reverse) {
+      og.resize(C * std::max<int64_t>(cols, 1));
       for (auto* b : {&rq, &rk, &oq, &ok}) b->resize(C * Din);
       for (auto* b : {&rv, &rdo, &ov}) b->resize(C * Dv);
       rg.resize(C * std::max<int64_t>(cols, 1));
@@ -177,6 +181,14 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
         }
       }
       std::fill(r.begin(), r.end(), T(0));
+      // the gates' gradient, summed from the last token back: the final state's term first
+      std::fill(gacc.begin(), gacc.end(), T(0));
+      if (dgates && dSL && SL)
+        for (int64_t f = 0; f < F; ++f) {
+          T acc = 0;
+          for (int64_t d = 0; d < Ds; ++d) acc += SL[(bh * F + f) * Ds + d] * dSL[(bh * F + f) * Ds + d];
+          gacc[cols > 1 ? f : 0] += acc;
+        }
       if (dSL)
         std::copy(dSL + bh * F * Ds, dSL + (bh + 1) * F * Ds, dS.data());
       else
@@ -208,7 +220,7 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
         const T* qa_ = qc;
         const T* ka_ = kc;
         if (mode == 1) {
-          for (int64_t x = 0; x < n * F; ++x) ka[x] = kc[x] * std::exp(-tab.G[x]);
+          for (int64_t x = 0; x < n * F; ++x) ka[x] = kc[x] * tab.EG[x];
           qa_ = qr.data();
           ka_ = ka.data();
         }
@@ -314,7 +326,7 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
         else
           anticausal_values(n, F, Mt.data(), qa_, intra.data());
         for (int64_t x = 0; x < n * F; ++x)
-          dkc[x] = (mode == 1 ? intra[x] * std::exp(-tab.G[x]) : intra[x]) + inter[x] * tab.KF[x];
+          dkc[x] = (mode == 1 ? intra[x] * tab.EG[x] : intra[x]) + inter[x] * tab.KF[x];
         // dS = across * dS' + Q'^T [dO, dd]
         for (int64_t f = 0; f < F; ++f)
           for (int64_t d = 0; d < Ds; ++d) dS[f * Ds + d] *= tab.across[f];
@@ -326,6 +338,16 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
             dS[f * Ds + Dv] += z;
           }
         // through the feature map
+        if (dgates) {  // dG_t = phi(q_t) dphi(q_t) - phi(k_t) dphi(k_t), summed over t and later tokens
+          T* dgo = target(dgates + bh * L * cols, cols, c0, og);
+          for (int64_t t = n - 1; t >= 0; --t)
+            for (int64_t f = 0; f < F; ++f) {
+              T& acc = gacc[cols > 1 ? f : 0];
+              acc += qc[t * F + f] * dqc[t * F + f] - kc[t * F + f] * dkc[t * F + f];
+              if (cols > 1 || f == F - 1) dgo[t * cols + (cols > 1 ? f : 0)] = acc;
+            }
+          land(og, dgates + bh * L * cols, cols, c0, n);
+        }
         if (map_q) attnlab::feature_grad(qraw, dqm.data(), n, Din, F, feature, taylor_dim, q_scale, dqo);
         if (map_k) attnlab::feature_grad(kraw, dkm.data(), n, Din, F, feature, taylor_dim, T(1), dko);
         land(oq, dq + bh * L * Din, Din, c0, n);
@@ -423,8 +445,9 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
 // column last); dout (B, H, L, Dv) the output's gradient, d_state the final state's (or undefined:
 // zero); with normalize_eps, `out` the forward's output num / (den + eps); with centre (B, H, Dv), the
 // values' sum before the segment (count0 tokens), InLine's centred output (centre_scale). Returns
-// (dq, dk, dv, d_state0) and with centre its gradient. The gates' and the decay's gradients follow
-// from these (attnlab/linear.py).
+// (dq, dk, dv, d_state0), then with centre its gradient, then with gates_grad the gates' (final_state:
+// the forward's final state, when d_state is given). The decay's gradient follows from dq and dk
+// (attnlab/linear.py).
 std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                   torch::Tensor state0, c10::optional<torch::Tensor> log_decay,
                                                   c10::optional<torch::Tensor> log_gates, torch::Tensor dout,
@@ -432,7 +455,8 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
                                                   c10::optional<torch::Tensor> out, c10::optional<double> normalize_eps,
                                                   int64_t feature, int64_t taylor_dim, double q_scale,
                                                   c10::optional<torch::Tensor> centre, double centre_scale,
-                                                  int64_t count0, bool reverse, bool strict) {
+                                                  int64_t count0, bool reverse, bool strict,
+                                                  c10::optional<torch::Tensor> final_state, bool gates_grad) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4, "q, k must be (B, H, L, Din), v (B, H, L, Dv)");
   const auto dt = q.scalar_type();
   TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && state0.scalar_type() == dt && dout.scalar_type() == dt,
@@ -484,6 +508,13 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
   }
   auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v),
        dS0 = torch::empty_like(state0);
+  TORCH_CHECK(!gates_grad || gates.defined(), "gates_grad needs log_gates");
+  torch::Tensor dgates = gates_grad ? torch::empty_like(gates) : torch::Tensor(), SL;
+  if (gates_grad && has_dS) {
+    TORCH_CHECK(final_state.has_value() && final_state->defined() && final_state->sizes() == state0.sizes() &&
+                    final_state->scalar_type() == dt, "the gates' gradient with d_state needs the final state");
+    SL = final_state->contiguous();
+  }
   AT_DISPATCH_FLOATING_TYPES(dt, "linear_chunks_backward", [&] {
     using T = scalar_t;
     Finish<T> fin;
@@ -498,10 +529,13 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
                 gates.defined() ? gates.data_ptr<T>() : nullptr, gates.defined() ? gates.size(3) : 0,
                 state0.data_ptr<T>(), dout.data_ptr<T>(), has_dS ? dSL.data_ptr<T>() : nullptr, dq.data_ptr<T>(),
                 dk.data_ptr<T>(), dv.data_ptr<T>(), dS0.data_ptr<T>(), B * H, H, L, Din, F, Dv, chunk,
-                static_cast<int>(feature), taylor_dim, static_cast<T>(q_scale), fin, reverse, strict);
+                static_cast<int>(feature), taylor_dim, static_cast<T>(q_scale), fin, reverse, strict,
+                SL.defined() ? SL.data_ptr<T>() : nullptr, gates_grad ? dgates.data_ptr<T>() : nullptr);
   });
-  if (centred) return {dq, dk, dv, dS0, dvsum0};
-  return {dq, dk, dv, dS0};
+  std::vector<torch::Tensor> grads{dq, dk, dv, dS0};
+  if (centred) grads.push_back(dvsum0);
+  if (gates_grad) grads.push_back(dgates);
+  return grads;
 }
 
 // The gradients (dq, dk, dv) of linear_noncausal without RALA's weights (q (B, H, Lq, Din), k

@@ -51,7 +51,8 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
                                                   c10::optional<torch::Tensor> out, c10::optional<double> normalize_eps,
                                                   int64_t feature, int64_t taylor_dim, double q_scale,
                                                   c10::optional<torch::Tensor> centre, double centre_scale,
-                                                  int64_t count0, bool reverse, bool strict);
+                                                  int64_t count0, bool reverse, bool strict,
+                                                  c10::optional<torch::Tensor> final_state, bool gates_grad);
 
 std::vector<torch::Tensor> linear_noncausal_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                      torch::Tensor dout, int64_t chunk,
