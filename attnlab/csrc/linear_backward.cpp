@@ -53,18 +53,20 @@ struct Tables {
   Tables(int64_t C, int64_t F) : w(C * C), G(C * F), QF(C * F), KF(C * F), EG(C * F), across(F), gt(C) {}
 
   // gc: the chunk's gates (n x cols) or null; l: the per-head log decay (0: none)
-  void build(const T* gc, int64_t cols, T l, int64_t n, int64_t F) {
+  // keys_only: what the states' sweep reads (KF, across), not the queries' factors
+  void build(const T* gc, int64_t cols, T l, int64_t n, int64_t F, bool keys_only = false) {
     if (gc && cols > 1) {
       for (int64_t t = 0; t < n; ++t)
         for (int64_t f = 0; f < F; ++f) G[t * F + f] = gc[t * F + f] + (t ? G[(t - 1) * F + f] : T(0));
       const T* last = G.data() + (n - 1) * F;
       mode = -*std::min_element(last, last + F) < attnlab::kRange<T> ? 1 : 2;
-      for (int64_t x = 0; x < n * F; ++x) {
-        QF[x] = std::exp(G[x]);
-        KF[x] = std::exp(last[x % F] - G[x]);
+      for (int64_t t = 0; t < n; ++t)  // row by row: vector exponentials
+        for (int64_t f = 0; f < F; ++f) KF[t * F + f] = std::exp(last[f] - G[t * F + f]);
+      if (!keys_only) {
+        for (int64_t x = 0; x < n * F; ++x) QF[x] = std::exp(G[x]);
+        if (mode == 1)
+          for (int64_t x = 0; x < n * F; ++x) EG[x] = std::exp(-G[x]);
       }
-      if (mode == 1)
-        for (int64_t x = 0; x < n * F; ++x) EG[x] = std::exp(-G[x]);
       for (int64_t f = 0; f < F; ++f) across[f] = std::exp(last[f]);
       return;
     }
@@ -165,7 +167,7 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
           attnlab::feature_map(fk, n, Din, F, feature, taylor_dim, T(1), km.data());
           fk = km.data();
         }
-        tab.build(rows(gh, cols, c0, n, rg), cols, l, n, F);
+        tab.build(rows(gh, cols, c0, n, rg), cols, l, n, F, true);
         const T* S = states.data() + c * F * Ds;
         T* Sn = states.data() + (c + 1) * F * Ds;
         for (int64_t f = 0; f < F; ++f)
