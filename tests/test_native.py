@@ -361,6 +361,21 @@ def _close(fast, slow, tol):
         torch.testing.assert_close(a, b, atol=tol * max(1.0, float(b.detach().abs().max())), rtol=tol)
 
 
+def _chunk_leaves(seed, dtype, B, H, L, F, Dv, decay):
+    """``(rnd, [q, k, v, S0] + [the decay or gates])`` requiring grad, for the linear backward tests: decay
+    ``none``, ``head`` (per head), ``token_gates`` (one per token), ``gates`` (per channel) or
+    ``strong_gates`` (per channel, strong enough for the pair-by-pair path)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    leaves = [0.5 * rnd(B, H, L, F), 0.5 * rnd(B, H, L, F), rnd(B, H, L, Dv), rnd(B, H, F, Dv)]
+    if decay == "head":
+        leaves.append(-0.3 * torch.rand(H, generator=g, dtype=torch.float64).to(dtype))
+    elif decay != "none":
+        cols, size = (1, 0.3) if decay == "token_gates" else (F, 0.3 if decay == "gates" else 20.0)
+        leaves.append(-size * torch.rand(B, H, L, cols, generator=g, dtype=torch.float64).to(dtype))
+    return rnd, [t.requires_grad_() for t in leaves]
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
 @pytest.mark.parametrize("decay", ["none", "head", "token_gates", "gates", "strong_gates"])
 @pytest.mark.parametrize("L,chunk", [(150, 16), (64, 64), (7, 16)])
@@ -372,15 +387,7 @@ def test_linear_chunks_backward_equals_autograd_of_the_pytorch_path(dtype, tol, 
     chunk, one chunk, less than one; gates strong enough to take the pair-by-pair path in some
     chunks."""
     B, H, F, Dv = 2, 3, 8, 5
-    g = torch.Generator().manual_seed(7)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    leaves = [0.5 * rnd(B, H, L, F), 0.5 * rnd(B, H, L, F), rnd(B, H, L, Dv), rnd(B, H, F, Dv)]
-    if decay == "head":
-        leaves.append(-0.3 * torch.rand(H, generator=g, dtype=torch.float64).to(dtype))
-    elif decay != "none":
-        cols, size = (1, 0.3) if decay == "token_gates" else (F, 0.3 if decay == "gates" else 20.0)
-        leaves.append(-size * torch.rand(B, H, L, cols, generator=g, dtype=torch.float64).to(dtype))
-    leaves = [t.requires_grad_() for t in leaves]
+    rnd, leaves = _chunk_leaves(7, dtype, B, H, L, F, Dv, decay)
 
     def fn(q, k, v, S0, *extra):
         lam = extra[0] if decay == "head" else None
@@ -425,15 +432,7 @@ def test_linear_chunks_backward_read_backwards(dtype, tol, decay, strict):
     every gradient (the decay's and gates' too) equals autograd through the flipped causal form on the
     PyTorch path, the diagonal pair subtracted when strict."""
     B, H, L, F, Dv = 2, 3, 150, 8, 5
-    g = torch.Generator().manual_seed(13)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    leaves = [0.5 * rnd(B, H, L, F), 0.5 * rnd(B, H, L, F), rnd(B, H, L, Dv), rnd(B, H, F, Dv)]
-    if decay == "head":
-        leaves.append(-0.3 * torch.rand(H, generator=g, dtype=torch.float64).to(dtype))
-    elif decay != "none":
-        leaves.append(-(0.3 if decay == "gates" else 20.0) * torch.rand(B, H, L, F, generator=g, dtype=torch.float64)
-                      .to(dtype))
-    leaves = [t.requires_grad_() for t in leaves]
+    rnd, leaves = _chunk_leaves(13, dtype, B, H, L, F, Dv, decay)
     form = K.Form(16, q_scale=0.7, reverse=True, strict=strict)
 
     def fn(q, k, v, S0, *extra):

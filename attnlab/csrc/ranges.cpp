@@ -22,6 +22,19 @@
 
 namespace {
 
+// [lo, hi): the keys a block's rows' ranges cover together (st, en: the rows' bounds, stride R);
+// lo >= hi when every range is empty.
+inline std::pair<int64_t, int64_t> covered(const int64_t* st, const int64_t* en, int64_t rows, int64_t R,
+                                           int64_t Lk) {
+  int64_t lo = Lk, hi = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    if (st[r * R] < en[r * R]) {
+      lo = std::min(lo, st[r * R]);
+      hi = std::max(hi, en[r * R]);
+    }
+  return {lo, hi};
+}
+
 template <typename T>
 void forward(const T* q, const T* k, const T* v, const int64_t* start, const int64_t* end, T* out,
              T* lse, int64_t B, int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
@@ -45,13 +58,7 @@ void forward(const T* q, const T* k, const T* v, const int64_t* start, const int
       for (int64_t rr = 0; rr < R; ++rr) {  // each row's rr-th range: one online-softmax sweep
         const int64_t* st = start + i0 * R + rr;
         const int64_t* en = end + i0 * R + rr;
-        int64_t lo = Lk, hi = 0;
-        for (int64_t r = 0; r < rows; ++r) {
-          if (st[r * R] < en[r * R]) {
-            lo = std::min(lo, st[r * R]);
-            hi = std::max(hi, en[r * R]);
-          }
-        }
+        const auto [lo, hi] = covered(st, en, rows, R, Lk);
         for (int64_t c0 = lo; c0 < hi; c0 += chunk) {
           const int64_t n = std::min(chunk, hi - c0);
           attnlab::transpose(kp + c0 * D, n, D, kt.data(), n);
@@ -135,13 +142,7 @@ void backward(const T* q, const T* k, const T* v, const int64_t* start, const in
         for (int64_t rr = 0; rr < R; ++rr) {
           const int64_t* st = start + i0 * R + rr;
           const int64_t* en = end + i0 * R + rr;
-          int64_t lo = Lk, hi = 0;
-          for (int64_t r = 0; r < rows; ++r) {
-            if (st[r * R] < en[r * R]) {
-              lo = std::min(lo, st[r * R]);
-              hi = std::max(hi, en[r * R]);
-            }
-          }
+          const auto [lo, hi] = covered(st, en, rows, R, Lk);
           for (int64_t c0 = lo; c0 < hi; c0 += chunk) {
             const int64_t n = std::min(chunk, hi - c0);
             attnlab::transpose(kp + c0 * D, n, D, tr.data(), n);
@@ -184,8 +185,15 @@ void backward(const T* q, const T* k, const T* v, const int64_t* start, const in
 
 }  // namespace
 
-std::vector<torch::Tensor> range_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor start,
-                                           torch::Tensor end, double scale, int64_t block_q, int64_t chunk) {
+namespace {
+
+// The sizes of a range_attention call, after checking q, k, v and the ranges (made contiguous, the
+// ranges int64).
+struct Sizes {
+  int64_t B, H, Hkv, Lq, Lk, D, Dv, R;
+};
+
+Sizes checked(torch::Tensor& q, torch::Tensor& k, torch::Tensor& v, torch::Tensor& start, torch::Tensor& end) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, L, D)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
   q = q.contiguous();
@@ -193,16 +201,24 @@ std::vector<torch::Tensor> range_attention(torch::Tensor q, torch::Tensor k, tor
   v = v.contiguous();
   start = start.to(torch::kInt64).contiguous();
   end = end.to(torch::kInt64).contiguous();
-  const int64_t R = start.dim() == 2 ? start.size(1) : 1;
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(start.size(0) == Lq && start.sizes() == end.sizes() && start.dim() <= 2 && R >= 1,
+  const Sizes n{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
+                start.dim() == 2 ? start.size(1) : 1};
+  TORCH_CHECK(start.size(0) == n.Lq && start.sizes() == end.sizes() && start.dim() <= 2 && n.R >= 1,
               "start/end must be (Lq,) or (Lq, R): R ranges per query");
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == Lk && k.size(3) == D,
+  TORCH_CHECK(k.size(0) == n.B && v.size(0) == n.B && v.size(1) == n.Hkv && v.size(2) == n.Lk && k.size(3) == n.D,
               "k, v shapes do not match q");
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads must be a multiple of key/value heads");
+  TORCH_CHECK(n.Hkv > 0 && n.H % n.Hkv == 0, "query heads must be a multiple of key/value heads");
+  TORCH_CHECK(start.ge(0).all().item<bool>() && end.le(n.Lk).all().item<bool>(), "ranges must lie in [0, Lk]");
+  return n;
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> range_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor start,
+                                           torch::Tensor end, double scale, int64_t block_q, int64_t chunk) {
+  const Sizes n = checked(q, k, v, start, end);
+  const int64_t B = n.B, H = n.H, Hkv = n.Hkv, Lq = n.Lq, Lk = n.Lk, D = n.D, Dv = n.Dv, R = n.R;
   TORCH_CHECK(block_q > 0 && chunk > 0, "block_q and chunk must be positive");
-  TORCH_CHECK(start.ge(0).all().item<bool>() && end.le(Lk).all().item<bool>(), "ranges must lie in [0, Lk]");
   auto out = torch::empty({B, H, Lq, Dv}, q.options());
   auto lse = torch::empty({B, H, Lq}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "range_attention", [&] {
@@ -221,28 +237,16 @@ std::vector<torch::Tensor> range_attention_backward(torch::Tensor q, torch::Tens
                                                     torch::Tensor lse, torch::Tensor dout,
                                                     c10::optional<torch::Tensor> dlse, double scale, int64_t block_q,
                                                     int64_t chunk) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, L, D)");
+  const Sizes n = checked(q, k, v, start, end);
+  const int64_t B = n.B, H = n.H, Hkv = n.Hkv, Lq = n.Lq, Lk = n.Lk, D = n.D, Dv = n.Dv, R = n.R;
   const auto dt = q.scalar_type();
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && out.scalar_type() == dt && lse.scalar_type() == dt &&
-                  dout.scalar_type() == dt, "q, k, v, out, lse, dout dtypes differ");
-  q = q.contiguous();
-  k = k.contiguous();
-  v = v.contiguous();
+  TORCH_CHECK(out.scalar_type() == dt && lse.scalar_type() == dt && dout.scalar_type() == dt,
+              "out, lse, dout dtypes differ from q's");
   out = out.contiguous();
   lse = lse.contiguous();
   dout = dout.contiguous();
-  start = start.to(torch::kInt64).contiguous();
-  end = end.to(torch::kInt64).contiguous();
-  const int64_t R = start.dim() == 2 ? start.size(1) : 1;
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(start.size(0) == Lq && start.sizes() == end.sizes() && start.dim() <= 2 && R >= 1,
-              "start/end must be (Lq,) or (Lq, R): R ranges per query");
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == Lk && k.size(3) == D,
-              "k, v shapes do not match q");
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads must be a multiple of key/value heads");
-  TORCH_CHECK(out.size(0) == B && out.size(1) == H && out.size(2) == Lq && out.size(3) == Dv && dout.sizes() == out.sizes(),
-              "out and dout must be (B, H, Lq, Dv)");
+  TORCH_CHECK(out.size(0) == B && out.size(1) == H && out.size(2) == Lq && out.size(3) == Dv &&
+                  dout.sizes() == out.sizes(), "out and dout must be (B, H, Lq, Dv)");
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == Lq, "lse must be (B, H, Lq)");
   TORCH_CHECK(block_q > 0 && chunk > 0, "block_q and chunk must be positive");
   torch::Tensor gl;
