@@ -484,5 +484,5 @@ def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int 
 
 
 __all__ = ["Chunks", "ELEMENTWISE", "EXP_RANGE", "FEATURES", "Form", "NonCausal", "bidirectional", "chunked",
-           "chunked_centred", "chunked_normalized", "feature_map", "finish", "finish_centred", "fused", "noncausal", "noncausal_fused",
-           "parallel", "scan_recurrent", "step", "weights", "with_ones"]
+           "chunked_centred", "chunked_normalized", "feature_map", "finish", "finish_centred", "fused", "noncausal",
+           "noncausal_fused", "parallel", "scan_recurrent", "step", "weights", "with_ones"]

@@ -548,7 +548,8 @@ std::vector<torch::Tensor> linear_noncausal_backward(torch::Tensor q, torch::Ten
                                                      int64_t taylor_dim, double q_scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k (B, H, L, Din), v (B, H, Lk, Dv)");
   const auto dt = q.scalar_type();
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && dout.scalar_type() == dt, "q, k, v, dout dtypes differ");
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && dout.scalar_type() == dt,
+              "q, k, v, dout dtypes differ");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Din = q.size(3), Lk = k.size(2), Dv = v.size(3);
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Din && v.size(0) == B && v.size(1) == H &&
@@ -564,7 +565,8 @@ std::vector<torch::Tensor> linear_noncausal_backward(torch::Tensor q, torch::Ten
   AT_DISPATCH_FLOATING_TYPES(dt, "linear_noncausal_backward", [&] {
     using T = scalar_t;
     noncausal_backward<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), dout.data_ptr<T>(), dq.data_ptr<T>(),
-                          dk.data_ptr<T>(), dv.data_ptr<T>(), B * H, Lq, Lk, Din, F, Dv, chunk, static_cast<int>(feature),
+                          dk.data_ptr<T>(), dv.data_ptr<T>(), B * H, Lq, Lk, Din, F, Dv, chunk,
+                          static_cast<int>(feature),
                           taylor_dim, static_cast<T>(q_scale), normalize_eps.has_value(),
                           static_cast<T>(normalize_eps.value_or(0.0)));
   });

@@ -1,4 +1,5 @@
-// attnlab's CPU kernels (forward; range_attention and linear_chunks also backward): declarations shared by the kernels and the bindings.
+// attnlab's CPU kernels (forward; range_attention, linear_chunks and linear_noncausal also backward):
+// declarations shared by the kernels and the bindings.
 #pragma once
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
