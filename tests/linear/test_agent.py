@@ -155,6 +155,23 @@ def test_noncausal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype,
     same_noncausal(m, q, k, v, tol, (1, 0, 40, 2), **params)
 
 
+def test_noncausal_chunked_form_without_the_kernel():
+    """The PyTorch paths of the non-causal chunked form: the online softmax over key chunks (no autograd)
+    and the one-shot softmax taken while autograd records equal the definition, gradients included."""
+    m = attnlab.mechanism("agent")
+    q, k, v = qkv(B=2, H=3, L=150, D=8, Dv=6, Lq=70, seed=11)
+    leaves = [t.clone().requires_grad_(True) for t in (q, 4 * k, v)]
+    want = m(*leaves, causal=False, impl="parallel", chunk_size=16)
+    G = rnd(*want.shape, seed=12)
+    with native.disabled():
+        with torch.no_grad():
+            torch.testing.assert_close(m(*leaves, causal=False, chunk_size=16), want.detach())
+        got = m(*leaves, causal=False, chunk_size=16)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad((got * G).sum(), leaves), torch.autograd.grad((want * G).sum(), leaves)):
+        torch.testing.assert_close(a, b)
+
+
 def test_per_channel_agents_gradients_and_state():
     """Agents with a value per channel (the conformance examples use D=1): gradients of every form w.r.t. q, k, v
     and the agents equal the parallel form's; gradcheck of the chunked form; segments and steps continue the
