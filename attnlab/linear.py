@@ -309,10 +309,8 @@ def _through_kernels(q, k, v, S, log_decay, log_gates, form: Form, vsum0=None):
 def _recorded(tensors, params=()) -> bool:
     """True when autograd records this call and the C++ kernels, forward and backward, serve it (CPU,
     float32/float64, ``tensors`` in one dtype; ``params``, decays and gates, are converted to it)."""
-    given = [t for t in tuple(tensors) + tuple(params) if t is not None]
-    return (torch.is_grad_enabled() and any(t.requires_grad for t in given)
-            and all(t.dtype == tensors[0].dtype for t in tensors)
-            and _native.unsupported(tensors[0].device, tensors[0].dtype, False) is None)
+    return (_native.recording(*tensors, *params) and all(t.dtype == tensors[0].dtype for t in tensors)
+            and _native.serves(*tensors, backward=True))
 
 
 def _kernel_state(S: torch.Tensor, fq, *tensors) -> Optional[torch.Tensor]:
@@ -409,11 +407,12 @@ def bidirectional(fq, fk, v, *, chunk: int, log_decay=None, log_gates=None, q_sc
     a token's own pair counts once); ``log_gates`` = ``(forward, backward)`` per-channel log gates, the
     backward ones read backwards too. None when the kernel does not serve the call."""
     g, gb = log_gates if log_gates is not None else (None, None)
+    S0 = fq.new_zeros(fq.shape[:2] + (fq.shape[-1], v.shape[-1]))
     if _recorded((fq, fk, v), (log_decay, g, gb)):  # forward and backward on the C++ kernels
-        S0, form = fq.new_zeros(fq.shape[:2] + (fq.shape[-1], v.shape[-1])), Form(chunk, q_scale=q_scale)
+        form = Form(chunk, q_scale=q_scale)
         return (_through_kernels(fq, fk, v, S0, log_decay, g, form)[0]
                 + _through_kernels(fq, fk, v, S0, log_decay, gb, form._replace(reverse=True, strict=strict))[0])
-    S = _kernel_state(fq.new_zeros(fq.shape[:2] + (fq.shape[-1], v.shape[-1])), fq, fk, v, log_decay, g, gb)
+    S = _kernel_state(S0, fq, fk, v, log_decay, g, gb)
     if S is None:
         return None
     out = _native.linear_chunks(fq, fk, v, S, log_decay, chunk, g, q_scale=q_scale)

@@ -130,13 +130,17 @@ def unsupported(device, dtype, requires_grad: bool) -> Optional[str]:
     return unavailable()
 
 
+def recording(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when autograd records a call on these tensors (``None`` entries ignored)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def serves(*tensors: Optional[torch.Tensor], backward: bool = False) -> bool:
     """True when the kernels serve these tensors (``None`` entries ignored): :func:`unsupported` for the
     first one's device and dtype, with autograd recording when any of them requires grad, unless the
     kernel to be called has a backward (``backward``)."""
     given = [t for t in tensors if t is not None]
-    grad = not backward and torch.is_grad_enabled() and any(t.requires_grad for t in given)
-    return unsupported(given[0].device, given[0].dtype, grad) is None
+    return unsupported(given[0].device, given[0].dtype, not backward and recording(*given)) is None
 
 
 #: Query rows per work item and keys per online-softmax step of :func:`range_attention`. Measured
@@ -150,7 +154,7 @@ def range_attention(q, k, v, start: torch.Tensor, end: torch.Tensor, scale: floa
     with ``(Lq, R)`` bounds the union of its ``R`` disjoint ranges (shared by every batch and head).
     q ``(B, H, Lq, D)``, k/v ``(B, Hkv, Lk, D|Dv)``. Differentiable (:class:`RangeAttention`'s backward
     kernel) when autograd records."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if recording(q, k, v):
         return RangeAttention.apply(q, k, v, start, end, float(scale))
     return tuple(module().range_attention(q, k, v, start, end, float(scale), BLOCK_Q, CHUNK))
 

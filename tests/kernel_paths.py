@@ -1,5 +1,6 @@
-"""Checks shared by the tests of the linear family's C++ kernels: the chunked form on the kernel (taken
-without autograd) against the PyTorch path of the same form (taken when q requires grad).
+"""Checks shared by the tests of the forward-only C++ kernels (titans, rat, aaren, agent's own): the
+chunked form on the kernel (taken without autograd) against the entry's PyTorch path (taken when q
+requires grad).
 
 tests/ is on sys.path (tests/conftest.py): ``from kernel_paths import ...``.
 """
@@ -9,7 +10,8 @@ import torch
 
 
 def pytorch_path(q: torch.Tensor) -> torch.Tensor:
-    """``q`` requiring grad: every C++ kernel declines it, so the call takes the PyTorch path."""
+    """``q`` requiring grad: the forward-only kernels decline it, so the call takes the entry's PyTorch path
+    (which may still run the linear kernels, forward and backward)."""
     return q.clone().requires_grad_()
 
 

@@ -5,7 +5,10 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <tuple>
+#include <utility>
 
 #include "simd.h"
 
@@ -19,12 +22,18 @@ inline int64_t feature_count(int64_t feature, int64_t taylor_dim, int64_t Din) {
   return feature == 3 ? 1 + taylor_dim + taylor_dim * taylor_dim : Din;
 }
 
+// The Taylor map's factors times `factor`: 1 / d^(1/4) on x, 1 / (sqrt 2 sqrt d) on x x^T.
+template <typename T>
+std::pair<T, T> taylor_factors(int64_t d, T factor) {
+  return {factor * T(std::pow(double(d), -0.25)), factor / T(std::sqrt(2.0 * double(d)))};
+}
+
 // dst (rows x F) = factor * phi(src (rows x Din)); phi by `feature` (0 identity, 1 elu + 1, 2 relu:
 // F = Din; 3 Taylor of the first d channels: F = 1 + d + d^2).
 template <typename T>
 void feature_map(const T* src, int64_t rows, int64_t Din, int64_t F, int feature, int64_t d, T factor, T* dst) {
   if (feature == 3) {
-    const T c1 = factor * T(std::pow(double(d), -0.25)), c2 = factor / T(std::sqrt(2.0 * double(d)));
+    const auto [c1, c2] = taylor_factors(d, factor);
     for (int64_t r = 0; r < rows; ++r) {
       const T* x = src + r * Din;
       T* y = dst + r * F;
@@ -62,7 +71,7 @@ template <typename T>
 void feature_grad(const T* src, const T* dy, int64_t rows, int64_t Din, int64_t F, int feature, int64_t d, T factor,
                   T* dx) {
   if (feature == 3) {
-    const T c1 = factor * T(std::pow(double(d), -0.25)), c2 = factor / T(std::sqrt(2.0 * double(d)));
+    const auto [c1, c2] = taylor_factors(d, factor);
     for (int64_t r = 0; r < rows; ++r) {
       const T* x = src + r * Din;
       const T* g = dy + r * F;
@@ -103,6 +112,36 @@ void add_key_sums(const T* kt, int64_t F, int64_t n, T* S, int64_t Ds, int64_t D
     for (int64_t t = 0; t < n; ++t) z += kt[f * n + t];
     S[f * Ds + Dv] += z;
   }
+}
+
+// The per-head log decay (H) and the log gates expanded to (B, H, L, F|1), in dtype dt and contiguous,
+// as the linear kernels read them; undefined where not given (at most one of the two).
+inline std::pair<torch::Tensor, torch::Tensor> decay_and_gates(const c10::optional<torch::Tensor>& log_decay,
+                                                               const c10::optional<torch::Tensor>& log_gates,
+                                                               at::ScalarType dt, int64_t B, int64_t H, int64_t L,
+                                                               int64_t F) {
+  torch::Tensor lam, gates;
+  if (log_decay.has_value() && log_decay->defined()) {
+    lam = log_decay->to(dt).contiguous();
+    TORCH_CHECK(lam.numel() == H, "log_decay must have one entry per head");
+  }
+  if (log_gates.has_value() && log_gates->defined()) {
+    TORCH_CHECK(!lam.defined(), "give log_decay or log_gates, not both");
+    const int64_t cols = log_gates->size(-1) == 1 ? 1 : F;
+    gates = log_gates->to(dt).expand({B, H, L, cols}).contiguous();
+  }
+  return {lam, gates};
+}
+
+// The sizes (B, H, Lq, Din, Lk, Dv) of a non-causal call, after checking q, k (B, H, Lq|Lk, Din) and
+// v (B, H, Lk, Dv), of one dtype.
+inline std::array<int64_t, 6> noncausal_sizes(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k (B, H, L, Din), v (B, H, Lk, Dv)");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v dtypes differ");
+  const int64_t B = q.size(0), H = q.size(1), Din = q.size(3), Lk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Din && v.size(0) == B && v.size(1) == H &&
+                  v.size(2) == Lk, "k, v shapes do not match q");
+  return {B, H, q.size(2), Din, Lk, v.size(3)};
 }
 
 }  // namespace attnlab

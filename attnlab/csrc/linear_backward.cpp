@@ -112,7 +112,7 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
     Tables<T> tab(C, F);
     std::vector<T> states(std::max<int64_t>(m, 1) * F * Ds), dS(F * Ds), St(Dv * F), dSt(Dv * F), qr(C * F),
         qrt(F * C), kr(C * F), krt(F * C), kt(F * C), vt(Dv * C), A(C * C), At(C * C), M(C * C), Mt(C * C),
-        qa(C * F), ka(C * F), intra(C * F), inter(C * F), qm, km, dqm, dkm, dn, dd, den;
+        qa(C * F), ka(C * F), intra(C * F), inter(C * F), qm, km, dqm, dkm, dn, dd;
     if (map_q) qm.resize(C * F), dqm.resize(C * F);
     if (map_k) km.resize(C * F), dkm.resize(C * F);
     if (normalize) dn.resize(C * Dv), dd.resize(C);
@@ -339,7 +339,6 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
             for (int64_t t = 0; t < n; ++t) z += qrt[f * n + t] * dd[t];
             dS[f * Ds + Dv] += z;
           }
-        // through the feature map
         if (dgates) {  // dG_t = phi(q_t) dphi(q_t) - phi(k_t) dphi(k_t), summed over t and later tokens
           T* dgo = target(dgates + bh * L * cols, cols, c0, og);
           for (int64_t t = n - 1; t >= 0; --t)
@@ -350,6 +349,7 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
             }
           land(og, dgates + bh * L * cols, cols, c0, n);
         }
+        // through the feature map
         if (map_q) attnlab::feature_grad(qraw, dqm.data(), n, Din, F, feature, taylor_dim, q_scale, dqo);
         if (map_k) attnlab::feature_grad(kraw, dkm.data(), n, Din, F, feature, taylor_dim, T(1), dko);
         land(oq, dq + bh * L * Din, Din, c0, n);
@@ -498,16 +498,8 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
   v = v.contiguous();
   dout = dout.contiguous();
   state0 = state0.contiguous();
-  torch::Tensor lam, gates;
-  if (log_decay.has_value() && log_decay->defined()) {
-    lam = log_decay->to(dt).contiguous();
-    TORCH_CHECK(lam.numel() == H, "log_decay must have one entry per head");
-  }
-  if (log_gates.has_value() && log_gates->defined()) {
-    TORCH_CHECK(!lam.defined(), "give log_decay or log_gates, not both");
-    const int64_t cols = log_gates->size(-1) == 1 ? 1 : F;
-    gates = log_gates->to(dt).expand({B, H, L, cols}).contiguous();
-  }
+  torch::Tensor lam, gates;  // named: the dispatch lambda below captures them
+  std::tie(lam, gates) = attnlab::decay_and_gates(log_decay, log_gates, dt, B, H, L, F);
   auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v),
        dS0 = torch::empty_like(state0);
   TORCH_CHECK(!gates_grad || gates.defined(), "gates_grad needs log_gates");
@@ -546,14 +538,11 @@ std::vector<torch::Tensor> linear_noncausal_backward(torch::Tensor q, torch::Ten
                                                      torch::Tensor dout, int64_t chunk,
                                                      c10::optional<double> normalize_eps, int64_t feature,
                                                      int64_t taylor_dim, double q_scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k (B, H, L, Din), v (B, H, Lk, Dv)");
+  const auto n = attnlab::noncausal_sizes(q, k, v);
+  const int64_t B = n[0], H = n[1], Lq = n[2], Din = n[3], Lk = n[4], Dv = n[5];
   const auto dt = q.scalar_type();
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && dout.scalar_type() == dt,
-              "q, k, v, dout dtypes differ");
+  TORCH_CHECK(dout.scalar_type() == dt, "dout's dtype differs from q's");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Din = q.size(3), Lk = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Din && v.size(0) == B && v.size(1) == H &&
-                  v.size(2) == Lk, "k, v shapes do not match q");
   TORCH_CHECK(dout.dim() == 4 && dout.size(0) == B && dout.size(1) == H && dout.size(2) == Lq && dout.size(3) == Dv,
               "dout must be (B, H, Lq, Dv)");
   const int64_t F = attnlab::feature_count(feature, taylor_dim, Din);

@@ -313,13 +313,10 @@ torch::Tensor linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v
                                c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,
                                double q_scale, double rala_scale) {
   TORCH_CHECK(rala_scale <= 0 || normalize_eps.has_value(), "RALA's weights need the normalizer");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k (B, H, L, Din), v (B, H, Lk, Dv)");
+  const auto n = attnlab::noncausal_sizes(q, k, v);
+  const int64_t B = n[0], H = n[1], Lq = n[2], Din = n[3], Lk = n[4], Dv = n[5];
   const auto dt = q.scalar_type();
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "q, k, v dtypes differ");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Din = q.size(3), Lk = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Din && v.size(0) == B && v.size(1) == H &&
-                  v.size(2) == Lk, "k, v shapes do not match q");
   const int64_t F = attnlab::feature_count(feature, taylor_dim, Din);
   q = q.contiguous();
   k = k.contiguous();
@@ -377,16 +374,8 @@ torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
                     add_to->size(0) == B && add_to->size(1) == H && add_to->size(2) == L && add_to->size(3) == Dv,
                 "add_to must be a contiguous (B, H, L, Dv) tensor of q's dtype");
   auto out = accumulate ? *add_to : torch::empty({B, H, L, Dv}, q.options());
-  torch::Tensor lam, gates;
-  if (log_decay.has_value() && log_decay->defined()) {
-    lam = log_decay->to(q.scalar_type()).contiguous();
-    TORCH_CHECK(lam.numel() == H, "log_decay must have one entry per head");
-  }
-  if (log_gates.has_value() && log_gates->defined()) {
-    TORCH_CHECK(!lam.defined(), "give log_decay or log_gates, not both");
-    const int64_t cols = log_gates->size(-1) == 1 ? 1 : F;
-    gates = log_gates->to(q.scalar_type()).expand({B, H, L, cols}).contiguous();
-  }
+  torch::Tensor lam, gates;  // named: the dispatch lambda below captures them
+  std::tie(lam, gates) = attnlab::decay_and_gates(log_decay, log_gates, q.scalar_type(), B, H, L, F);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "linear_chunks", [&] {
     chunks<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                      lam.defined() ? lam.data_ptr<scalar_t>() : nullptr,

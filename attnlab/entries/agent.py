@@ -166,7 +166,7 @@ def _chunked(call: Call, q, k, v, state):
     if not call.causal:  # online softmax over key chunks, then one read-out
         if _native.serves(q, A, k, vv):
             return _native.agent_noncausal(q.to(A.dtype), k.to(A.dtype), vv, A, call.scale, C).to(v.dtype), None
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, A)):
+        if _native.recording(q, k, v, A):
             # training: the agents' softmax over every key at once (n x L_k floats, as many as the loop below
             # would save for its backward, in two GEMMs instead of many small steps)
             VA = torch.softmax(_logits(call, A, k), dim=-1) @ vv
