@@ -136,13 +136,37 @@ def test_gemm_peak_is_measured_in_the_run_and_divides_every_case(basic):
     _, store, _ = basic
     run, cases, _ = _cases(store)
     with Store(store) as s:
-        (cal,) = s.calibration(run["id"])
+        cal, bw = sorted(s.calibration(run["id"]), key=lambda c: c["name"] != "gemm")
     n = cal["detail"]["n"]
     assert cal["name"] == "gemm" and cal["dtype"] == "float32" and cal["threads"] == 1 and len(cal["samples"]) == 9
     assert cal["value"] == pytest.approx(2 * n ** 3 / min(cal["samples"]) / 1e9)
+    assert bw["name"] == "bandwidth" and bw["unit"] == "GB/s" and bw["threads"] == 1 and len(bw["samples"]) == 9
+    assert bw["value"] == pytest.approx(bw["detail"]["bytes_per_call"] / min(bw["samples"]) / 1e9)
     for c in cases:
         m = c["measurements"]
+        fl, moved, med = m["effective_flops"]["value"], m["bytes_moved"]["value"], m["time_median_s"]["value"]
         assert m["gemm_peak_fraction"]["value"] == pytest.approx(m["effective_gflops_per_s"]["value"] / cal["value"])
+        # the roofline: the time the slower of the two roofs allows, over the measured time
+        assert m["arithmetic_intensity"]["value"] == pytest.approx(fl / moved)
+        roof = max(fl / cal["value"], moved / bw["value"]) / 1e9
+        assert m["roofline_fraction"]["value"] == pytest.approx(roof / med)
+        assert m["roofline_fraction"]["value"] >= m["gemm_peak_fraction"]["value"] * (1 - 1e-9)
+
+
+def test_bytes_moved_counts_inputs_and_output_once_and_thrice_with_the_backward():
+    from attnlab.bench.flops import bytes_moved
+
+    q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 6)
+    call = attnlab.mechanism("dense").prepare(q, k, v, causal=False)
+    fwd = 4 * (2 * 4 * 10 * (8 + 6) + 2 * 2 * 12 * (8 + 6))  # q and the output; k and v (GQA: 2 heads)
+    assert bytes_moved(call, "fwd") == fwd and bytes_moved(call, "fwdbwd") == 3 * fwd
+    call16 = attnlab.mechanism("dense").prepare(q.half(), k.half(), v.half(), causal=False)
+    assert bytes_moved(call16, "fwd") == fwd // 2
+    # Aaren's query is one row per head (a view repeated along the length axis)
+    qa = q[:, :, :1].expand_as(q)
+    shared = attnlab.mechanism("aaren").prepare(qa, k[:, :1].expand(-1, 4, -1, -1), v[:, :1].expand(-1, 4, -1, -1),
+                                                causal=True)
+    assert bytes_moved(shared, "fwd") == 4 * (2 * 4 * (8 + 10 * 6) + 2 * 4 * 12 * (8 + 6))
 
 
 def test_tile_bounds_are_the_gna_simulator_on_the_case_mask(basic):
@@ -507,3 +531,22 @@ def test_step_direction_times_one_decoding_step_against_kv_cache_sdpa(tmp_path):
         assert by[("dense", L)]["status"] == "unsupported" and "recurrent" in by[("dense", L)]["message"]
         base = by[("torch_sdpa", L)]["measurements"]
         assert base["effective_flops"]["value"] == pytest.approx(4 * 2 * L * 16)  # one query, L keys, 2 heads
+
+
+def test_aaren_cases_take_the_query_as_a_view_of_one_row_and_train(tmp_path):
+    """Aaren's bench input is its users' one query per head, a view along the length axis (no copy to check
+    row by row); forward and backward run, the gradient lands in the row, and the bytes count it once."""
+    rc, store, _ = _run(tmp_path, "--mechanisms", "aaren", "--lengths", "64", "--patterns", "causal_self",
+                        "--directions", "fwd,fwdbwd", "--threads", "1")
+    assert rc == 0
+    run, cases, _ = _cases(store)
+    mine = [c for c in cases if c["mechanism"] == "aaren"]
+    assert [c["status"] for c in mine] == ["ok", "ok"]
+    case = bcases.Case(**{k: mine[1][k] for k in bcases.Case.__dataclass_fields__})
+    q, k, v, dout, params = bcases.make_inputs(case, 0)
+    assert q.stride(2) == 0 and q.requires_grad and not q.is_leaf
+    attnlab.mechanism("aaren")(q, k, v, causal=True, **params).backward(dout)
+    assert q._base.grad is not None and q._base.grad.shape[2] == 1
+    for c in mine:
+        expected = 4 * 2 * (16 + 64 * 16 + 64 * 32)  # one query row, the output, keys and values (2 heads)
+        assert c["measurements"]["bytes_moved"]["value"] == expected * (3 if c["direction"] == "fwdbwd" else 1)

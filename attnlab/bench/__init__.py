@@ -41,7 +41,7 @@ import json
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import catalogue
 from . import external, longca
@@ -341,7 +341,8 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
             if resumed:
                 print(f"attnlab bench: resuming run {run_id}: {len(done) + len(done_tasks)} of {n_total} cases are "
                       f"already stored", file=sys.stderr)
-            settings.gemm_gflops = _calibrate(store, run_id, sorted({c.dtype for c in cases}), threads, gemm)
+            settings.gemm_gflops, settings.bandwidth_gbytes = _calibrate(store, run_id, sorted({c.dtype for c in cases}),
+                                                                         threads, gemm)
             try:
                 with output.progress(n_total, out) as (on_start, on_done):
                     results = run_cases(cases, settings, store, run_id, on_start, on_done, done=done)
@@ -359,7 +360,8 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
                 out.print(output.results_table(results, title=f"attnlab bench: run {run_id} "
                                                f"({threads} threads, {','.join(args.dtype)}; GEMM "
                                                + ", ".join(f"{d} {g:.0f} GFLOP/s"
-                                                           for d, g in settings.gemm_gflops.items()) + ")"))
+                                                           for d, g in settings.gemm_gflops.items())
+                                               + f"; memory {settings.bandwidth_gbytes or 0:.0f} GB/s)"))
             for table in (output.external_table(results), output.slopes_table(rows),
                           output.efficiency_table(rows), output.tile_table(results), output.task_table(task_results)):
                 if table is not None:
@@ -378,18 +380,24 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
     return 1 if failed else 0
 
 
-def _calibrate(store: Store, run_id: int, dtypes: Sequence[str], threads: int, gemm) -> Dict[str, float]:
-    """The run's GEMM GFLOP/s per dtype at these threads: stored ones (a resumed run), else measured now."""
-    have = {c["dtype"]: c["value"] for c in store.calibration(run_id) if c["name"] == "gemm" and
-            c["threads"] == threads}
+def _calibrate(store: Store, run_id: int, dtypes: Sequence[str], threads: int,
+               gemm) -> Tuple[Dict[str, float], Optional[float]]:
+    """The run's two roofs at these threads: GEMM GFLOP/s per dtype and the memory copy GB/s (stored under the
+    dtype ``bytes``; None without efficiency cases); stored ones (a resumed run), else measured now."""
+    def have(name):
+        return {c["dtype"]: c["value"] for c in store.calibration(run_id) if c["name"] == name and
+                c["threads"] == threads}
+
     for d in dtypes:
-        if d not in have:
+        if d not in have("gemm"):
             m = gemm.measure(DTYPES[d])
             store.add_calibration(run_id, "gemm", d, threads, m["gflops"], "GFLOP/s", m["samples"],
                                   {"n": m["n"], "op": "torch.mm(n x n, n x n)", "flops_per_call": 2 * m["n"] ** 3})
-            have = {c["dtype"]: c["value"] for c in store.calibration(run_id) if c["name"] == "gemm" and
-                    c["threads"] == threads}
-    return {d: have[d] for d in dtypes}
+    if dtypes and "bytes" not in have("bandwidth"):
+        m = gemm.bandwidth()
+        store.add_calibration(run_id, "bandwidth", "bytes", threads, m["gbytes"], "GB/s", m["samples"],
+                              {"bytes_per_call": m["bytes"], "op": "Tensor.copy_ (bytes read + written)"})
+    return {d: have("gemm")[d] for d in dtypes}, have("bandwidth").get("bytes")
 
 
 def _open_existing(path: str) -> Store:

@@ -231,8 +231,11 @@ def make_inputs(case: Case, seed: int):
     grad = case.direction == "fwdbwd"
     q = torch.randn(B, case.heads, *q_shape, D, generator=gen, dtype=dtype)
     if not case.is_baseline() and mechanism_of(case.mechanism).extras.get("shared_query"):
-        q = q[:, :, :1].expand_as(q).clone()  # one query per head at every position (Aaren)
-    q = q.requires_grad_(grad)
+        # one query per head at every position (Aaren), given as its users give it: a view of the one row
+        # (the gradient lands in the leaf row: q.grad is that of the view's base)
+        q = q[:, :, :1].clone().requires_grad_(grad).expand_as(q)
+    else:
+        q = q.requires_grad_(grad)
     k = torch.randn(B, case.kv_heads, *k_shape, D, generator=gen, dtype=dtype).requires_grad_(grad)
     v = torch.randn(B, case.kv_heads, *k_shape, D, generator=gen, dtype=dtype).requires_grad_(grad)
     dout = torch.randn(B, case.heads, *q_shape, D, generator=gen, dtype=dtype) if grad else None

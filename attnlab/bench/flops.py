@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
+
 from ..catalogue import Call
 from ..patterns import executor as ex
 
@@ -41,6 +43,19 @@ def unmasked_pairs(call: Call) -> int:
 def effective_flops(call: Call, direction: str, pairs: int) -> float:
     fwd = 2.0 * (call.head_dim + call.value_dim) * pairs
     return fwd * (1.0 + BACKWARD_FACTOR) if direction == "fwdbwd" else fwd
+
+
+def bytes_moved(call: Call, direction: str) -> int:
+    """The fewest bytes a call must move between memory and the cores (the roofline's denominator): the
+    forward reads ``q, k, v`` and writes the output; forward and backward, 3x that (the backward reads
+    ``q, k, v``, the output and its gradient, and writes ``dq, dk, dv``). An entry with one query per head
+    (``extras["shared_query"]``, Aaren) reads one row of ``q``. Tensor parameters (gates, agents) and any
+    state are left out: they are small beside ``q, k, v`` for every catalogue entry."""
+    q_rows = 1 if call.mechanism.extras.get("shared_query") else call.q_len
+    elems = call.batch * (call.q_heads * (q_rows * call.head_dim + call.q_len * call.value_dim)
+                          + call.kv_heads * call.kv_len * (call.head_dim + call.value_dim))
+    size = torch.empty((), dtype=call.dtype).element_size()
+    return elems * size * (3 if direction == "fwdbwd" else 1)
 
 
 def own_count(call: Call):

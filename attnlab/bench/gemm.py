@@ -12,6 +12,14 @@ A case's
 ``gemm_peak_fraction`` is its effective GFLOP/s (:mod:`attnlab.bench.flops`) over this number:
 the share of the machine's dense matrix-multiply speed that the mechanism turns into useful
 attention work. The samples, ``n`` and the threads are stored with the run (``calibration``).
+
+The second roof is memory: :func:`bandwidth` copies a :data:`COPY_BYTES` buffer (far beyond any
+last-level cache) with ``Tensor.copy_`` on the run's threads, :data:`REPEATS` timed calls after one
+untimed, and takes ``bytes read + bytes written`` over the fastest. A case's
+``roofline_fraction`` (:mod:`attnlab.bench.runner`) divides the time the two roofs allow,
+``max(FLOPs / GEMM, bytes / bandwidth)``, by its measured time: for a mechanism with a few FLOPs
+per byte (aaren's scan, RAT's short sequences) it says how near memory speed it runs, where the
+GEMM fraction alone cannot (Williams, Waterman and Patterson's roofline model).
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ TARGET_S = 0.02
 MIN_N = 512
 MAX_N = 2048
 REPEATS = 9
+COPY_BYTES = 256 * 2 ** 20
 
 
 def measure(dtype: torch.dtype, *, target_s: float = TARGET_S, max_n: int = MAX_N,
@@ -51,4 +60,23 @@ def measure(dtype: torch.dtype, *, target_s: float = TARGET_S, max_n: int = MAX_
     return {"gflops": 2.0 * n ** 3 / min(samples) / 1e9, "n": n, "samples": samples, "threads": torch.get_num_threads()}
 
 
-__all__ = ["measure", "TARGET_S", "MIN_N", "MAX_N", "REPEATS"]
+def bandwidth(*, nbytes: int = COPY_BYTES, repeats: int = REPEATS) -> Dict[str, Any]:
+    """``{"gbytes", "bytes", "samples", "threads"}``: memory copy GB/s (read + write) on the current threads."""
+    if nbytes < 4 or repeats < 1:
+        raise ValueError(f"gemm.bandwidth: nbytes must be >= 4 and repeats >= 1, got {nbytes}, {repeats}")
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first call: pages faulted in
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        return time.perf_counter() - t0
+
+    samples = [timed() for _ in range(repeats)]
+    moved = 2 * src.numel() * 4
+    return {"gbytes": moved / min(samples) / 1e9, "bytes": moved, "samples": samples,
+            "threads": torch.get_num_threads()}
+
+
+__all__ = ["measure", "bandwidth", "TARGET_S", "MIN_N", "MAX_N", "REPEATS", "COPY_BYTES"]

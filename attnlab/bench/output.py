@@ -94,7 +94,8 @@ def results_table(results: Sequence[Result], title: str = "attnlab bench") -> Ta
     t = Table(title=title, header_style="bold")
     for col, just in (("mechanism", "left"), ("impl", "left"), ("pattern", "left"), ("L", "right"),
                       ("dir", "left"), ("median ms", "right"), ("spread", "right"), ("first s", "right"),
-                      ("tokens/s", "right"), ("eff GFLOP/s", "right"), ("% GEMM", "right"), ("x SDPA", "right"),
+                      ("tokens/s", "right"), ("eff GFLOP/s", "right"), ("% GEMM", "right"), ("% roof", "right"),
+                      ("x SDPA", "right"),
                       ("t/SDPA", "right"),
                       ("peak mem", "right"), ("saved", "right"), ("status", "left")):
         t.add_column(col, justify=just)
@@ -111,7 +112,8 @@ def results_table(results: Sequence[Result], title: str = "attnlab bench") -> Ta
         t.add_row(c.label, r.impl_used or c.impl, c.pattern, length, c.direction, _fmt(med, ".2f", 1e3), spread,
                   _fmt(r.value("first_call_s"), ".2f"), _fmt(r.value("tokens_per_s"), ",.0f"),
                   _fmt(r.value("effective_gflops_per_s"), ".1f"), _fmt(r.value("gemm_peak_fraction"), ".1f", 100),
-                  _fmt(r.value("sdpa_gflops_ratio"), ".2f"), _fmt(r.value("sdpa_time_ratio"), ".2f"),
+                  _fmt(r.value("roofline_fraction"), ".0f", 100), _fmt(r.value("sdpa_gflops_ratio"), ".2f"),
+                  _fmt(r.value("sdpa_time_ratio"), ".2f"),
                   _bytes(r.value("peak_rss_delta_bytes")), _bytes(r.value("saved_tensor_bytes")),
                   f"[{_STATUS_STYLE.get(r.status, '')}]{_escape(status)}[/]")
     return t

@@ -439,19 +439,21 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "", 
 
 
 def runs_table(data: Data) -> str:
-    gemm = defaultdict(list)
+    roofs = defaultdict(list)
     for c in data.calibration:
-        n = (c["detail"] or {}).get("n", "?")
-        gemm[c["run_id"]].append(f"{c['dtype']} {c['value']:.0f} GFLOP/s (n={n})")
+        if c["name"] == "gemm":
+            roofs[c["run_id"]].append(f"{c['dtype']} {c['value']:.0f} GFLOP/s (n={(c['detail'] or {}).get('n', '?')})")
+        else:
+            roofs[c["run_id"]].append(f"memory {c['value']:.0f} {c['unit']}")
     rows = []
     for r in data.runs:
         commit = (r.get("git_commit") or "")[:10] + (" (dirty)" if r.get("git_dirty") else "")
         rows.append([_e(r["id"]), _e(r["started"]), _e(r["finished"] or "unfinished"), _e(r.get("preset")),
                      _e(commit), _e(f"attnlab {r['attnlab_version']}, torch {r['torch_version']}, "
                                     f"python {r['python_version']}"),
-                     _e(r.get("cpu_model")), _e(r["threads"]), _e(r["seed"]), _e("; ".join(gemm.get(r["id"], [])))])
+                     _e(r.get("cpu_model")), _e(r["threads"]), _e(r["seed"]), _e("; ".join(roofs.get(r["id"], [])))])
     return table(["run", "started", "finished", "preset", "commit", "versions", "CPU", "threads", "seed",
-                  "GEMM (torch.mm)"], rows, "runs")
+                  "roofs (torch.mm GEMM; copy bandwidth)"], rows, "runs")
 
 
 def cases_table(data: Data) -> str:
@@ -465,13 +467,14 @@ def cases_table(data: Data) -> str:
         rows.append([_e(_label(c)), _e(c["impl_used"] or c["impl"]), _e(c["pattern"]), _e(L), _e(shape),
                      _e(c["direction"]), _e(c["dtype"]), _num(med, ".3f", 1e3), _e(spread),
                      _num(_value(c, "tokens_per_s"), ",.0f"), _num(_value(c, "effective_gflops_per_s"), ".2f"),
-                     _num(_value(c, "gemm_peak_fraction"), ".1f", 100), _num(_value(c, "sdpa_time_ratio"), ".2f"),
+                     _num(_value(c, "gemm_peak_fraction"), ".1f", 100), _num(_value(c, "roofline_fraction"), ".0f", 100),
+                     _num(_value(c, "sdpa_time_ratio"), ".2f"),
                      _num(_value(c, "density"), ".3f"), _e(_bytes(_value(c, "peak_rss_delta_bytes"))),
                      _e(_bytes(_value(c, "saved_tensor_bytes"))), _e(c["run_id"]),
                      f"<span class=\"st-{_e(c['status'])}\">{_e(status)}</span>"])
     return table(["mechanism", "impl", "pattern", "L", "grid", "dir", "dtype", "median ms", "spread", "tokens/s",
-                  "eff GFLOP/s", "% GEMM", "t/SDPA", "density", "peak RSS", "saved", "run", "status"], rows, "cases",
-                 [False] * 7 + [True] * 10)
+                  "eff GFLOP/s", "% GEMM", "% roof", "t/SDPA", "density", "peak RSS", "saved", "run", "status"], rows,
+                 "cases", [False] * 7 + [True] * 11)
 
 
 def derived_tables(data: Data) -> Tuple[str, str]:

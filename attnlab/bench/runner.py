@@ -12,7 +12,10 @@ One case, in this order (all in the running process, inputs seeded per case):
 4. one more call for memory (:mod:`attnlab.bench.memory`);
 5. the exact count of unmasked pairs and effective FLOPs (:mod:`attnlab.bench.flops`; linear-family
    entries count their own), GFLOP/s = effective FLOPs / median, and ``gemm_peak_fraction`` =
-   that over the run's ``torch.mm`` GFLOP/s at the case's dtype (:mod:`attnlab.bench.gemm`);
+   that over the run's ``torch.mm`` GFLOP/s at the case's dtype (:mod:`attnlab.bench.gemm`); the
+   fewest bytes the call must move (``bytes_moved``), ``arithmetic_intensity`` = FLOPs / bytes and
+   ``roofline_fraction`` = ``max(FLOPs / GEMM, bytes / the run's copy bandwidth)`` / median, the
+   share of what the machine's two roofs allow;
 6. for neighbourhood and blocked patterns (every spatial entry, and ``sliding_window``) on self
    attention: GNA's tile simulator (:func:`attnlab.patterns.neighborhood.simulate_tiles`) on the
    case's own mask, token order and tiles (the executor's 64-token tiles): tiles visited, total and
@@ -78,6 +81,7 @@ class Settings:
     timeout: float = 60.0
     seed: int = 0
     gemm_gflops: Dict[str, float] = field(default_factory=dict)  # dtype name -> this run's torch.mm GFLOP/s
+    bandwidth_gbytes: Optional[float] = None  # this run's memory copy GB/s (the roofline's second roof)
 
 
 @dataclass
@@ -215,7 +219,7 @@ def measure_case(case: Case, settings: Settings, subject: Optional[Case] = None)
     finally:
         memory.release_free_memory()
     if res.samples:
-        _time_metrics(res, settings.gemm_gflops.get(case.dtype))
+        _time_metrics(res, settings.gemm_gflops.get(case.dtype), settings.bandwidth_gbytes)
     return res
 
 
@@ -384,6 +388,8 @@ def _measure_calls(case: Case, settings: Settings, res: Result, dl: _Deadline, c
         res.metrics["unmasked_pairs"] = (float(pairs), "pairs")
         res.metrics["density"] = (pairs / (call.batch * call.q_heads * call.q_len * call.kv_len), "fraction")
     res.metrics["effective_flops"] = (fl, "FLOP")
+    if case.direction != "step":
+        res.metrics["bytes_moved"] = (float(flops.bytes_moved(call, case.direction)), "bytes")
     if call.mechanism.state_size is not None:
         res.metrics["state_size_floats"] = (float(call.mechanism.state_size(call.q_heads, call.head_dim,
                                                                             call.value_dim, **call.params)), "floats")
@@ -414,7 +420,7 @@ def tile_bounds(call):
     return simulate_tiles(mask, call.spatial or (call.kv_len,), tile, tile)
 
 
-def _time_metrics(res: Result, gemm_gflops: Optional[float] = None):
+def _time_metrics(res: Result, gemm_gflops: Optional[float] = None, bandwidth_gbytes: Optional[float] = None):
     s = np.asarray(res.samples)
     q1, med, q3 = np.percentile(s, [25, 50, 75])
     res.metrics.update({
@@ -431,6 +437,12 @@ def _time_metrics(res: Result, gemm_gflops: Optional[float] = None):
         res.metrics["effective_gflops_per_s"] = (fl / float(med) / 1e9, "GFLOP/s")
         if gemm_gflops:
             res.metrics["gemm_peak_fraction"] = (fl / float(med) / 1e9 / gemm_gflops, "fraction")
+        moved = res.value("bytes_moved")
+        if moved:
+            res.metrics["arithmetic_intensity"] = (fl / moved, "FLOP/byte")
+            if gemm_gflops and bandwidth_gbytes:
+                roof = max(fl / gemm_gflops, moved / bandwidth_gbytes) / 1e9
+                res.metrics["roofline_fraction"] = (roof / float(med), "fraction")
     n = min(len(res.samples), len(res.paired_samples))
     if n:
         res.metrics["sdpa_paired_median_s"] = (float(np.median(res.paired_samples[:n])), "s")
