@@ -1,9 +1,9 @@
 """attnlab's C++ CPU kernels (``attnlab/csrc``), built on first use and cached.
 
 Kernels, each the fused form of mathematics that also exists in PyTorch here (and is tested against
-it); forward-only but for ``range_attention``, ``linear_chunks`` and ``linear_noncausal``, which
-have backward kernels (:class:`RangeAttention`, :class:`attnlab.linear.Chunks` and
-:class:`attnlab.linear.NonCausal`):
+it); forward-only but for ``range_attention``, ``linear_chunks``, ``linear_noncausal`` and
+``aaren_scan``, which have backward kernels (:class:`RangeAttention`, :class:`attnlab.linear.Chunks`,
+:class:`attnlab.linear.NonCausal` and :class:`AarenScan`):
 
 ``range_attention``  exact softmax attention where every query sees one or a few ranges of keys
                      (sliding windows, 1-D neighborhoods, causal, prefix-LM, documents, sinks
@@ -341,12 +341,42 @@ def agent_noncausal(q, k, v, agents, scale: float, chunk: int) -> torch.Tensor:
     return module().agent_noncausal(q, k, v, agents, float(scale), int(chunk))
 
 
-def aaren_scan(query, k, v, m, u, w, scale: float, causal: bool) -> torch.Tensor:
+def aaren_scan(query, k, v, m, u, w, scale: float, causal: bool):
     """Aaren's outputs for one query per (batch, head) (see :mod:`attnlab.entries.aaren`), the keys
-    walked once with the state ``(m, u, w)`` (``(B, H)``, ``(B, H)``, ``(B, H, Dv)``, contiguous, updated in
-    place; ``u = 0``: empty). Returns every prefix's output ``(B, H, L, Dv)``, or with ``causal=False`` the
-    last one ``(B, H, 1, Dv)``."""
-    return module().aaren_scan(query, k, v, m, u, w, float(scale), bool(causal))
+    walked once from the state ``(m, u, w)`` (``(B, H)``, ``(B, H)``, ``(B, H, Dv)``; ``u = 0``: empty).
+    Returns ``(out, m, u, w)``: every prefix's output ``(B, H, L, Dv)`` (with ``causal=False`` the last one,
+    ``(B, H, 1, Dv)``) and the state after the keys. Differentiable (:class:`AarenScan`) when autograd
+    records."""
+    if recording(query, k, v, m, u, w):
+        return AarenScan.apply(query, k, v, m, u, w, float(scale), bool(causal))
+    m, u, w = (x.clone(memory_format=torch.contiguous_format) for x in (m, u, w))  # updated in place
+    return module().aaren_scan(query, k, v, m, u, w, float(scale), bool(causal), None), m, u, w
+
+
+class AarenScan(torch.autograd.Function):
+    """:func:`aaren_scan` with its backward kernel (one reverse pass per (batch, head), see
+    ``csrc/aaren.cpp``): ``apply(query, k, v, m0, u0, w0, scale, causal) -> (out, m, u, w)``, the
+    state before the keys given and the one after returned (``m`` is a stabiliser: no gradient)."""
+
+    @staticmethod
+    def forward(ctx, query, k, v, m0, u0, w0, scale, causal):
+        m, u, w = (x.clone(memory_format=torch.contiguous_format) for x in (m0, u0, w0))
+        trace = k.new_empty(*k.shape[:3], 2)  # each prefix's (max, sum) for the backward
+        out = module().aaren_scan(query, k, v, m, u, w, float(scale), bool(causal), trace)
+        ctx.save_for_backward(query, k, v, out, trace, m0, u0)
+        ctx.scale, ctx.causal = float(scale), bool(causal)
+        ctx.mark_non_differentiable(m)
+        return out, m, u, w
+
+    @staticmethod
+    def backward(ctx, dout, _dm, du, dw):
+        query, k, v, out, trace, m0, u0 = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
+        du = torch.zeros_like(u0) if du is None else du
+        dw = out.new_zeros(out.shape[:2] + out.shape[3:]) if dw is None else dw
+        dq, dk, dv, du0, dw0 = module().aaren_scan_backward(query, k, v, out, trace, dout, du, dw, m0, u0, ctx.scale,
+                                                            ctx.causal)
+        return dq, dk, dv, None, du0, dw0, None, None
 
 
 def agent_chunks(q, k, v, agents, r, Z, U, scale: float, chunk: int):

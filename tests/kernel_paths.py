@@ -1,6 +1,6 @@
-"""Checks shared by the tests of the forward-only C++ kernels (titans, rat, aaren, agent's own): the
-chunked form on the kernel (taken without autograd) against the entry's PyTorch path (taken when q
-requires grad).
+"""Checks shared by the tests of the recurrent-family C++ kernels (titans, rat, aaren, agent's own): the
+chunked form on the kernel against the entry's PyTorch path (the kernels turned off with
+``attnlab.native.disabled()``).
 
 tests/ is on sys.path (tests/conftest.py): ``from kernel_paths import ...``.
 """
@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import torch
 
-
-def pytorch_path(q: torch.Tensor) -> torch.Tensor:
-    """``q`` requiring grad: the forward-only kernels decline it, so the call takes the entry's PyTorch path
-    (which may still run the linear kernels, forward and backward)."""
-    return q.clone().requires_grad_()
+from attnlab import native
 
 
 def segments(m, q, k, v, cuts, per_token=(), **params):
@@ -29,11 +25,12 @@ def segments(m, q, k, v, cuts, per_token=(), **params):
 def same_segments(m, q, k, v, cuts, tol, per_token=(), **params):
     """The kernel's segments equal the PyTorch path's, output and every state tensor."""
     fast, fast_state = segments(m, q, k, v, cuts, per_token, **params)
-    slow, slow_state = segments(m, pytorch_path(q), k, v, cuts, per_token, **params)
-    torch.testing.assert_close(fast, slow.detach(), atol=tol, rtol=tol)
+    with native.disabled():
+        slow, slow_state = segments(m, q, k, v, cuts, per_token, **params)
+    torch.testing.assert_close(fast, slow, atol=tol, rtol=tol)
     assert set(fast_state.tensors) == set(slow_state.tensors)
     for name in fast_state.tensors:
-        torch.testing.assert_close(fast_state[name], slow_state[name].detach(), atol=tol, rtol=tol)
+        torch.testing.assert_close(fast_state[name], slow_state[name], atol=tol, rtol=tol)
     return fast
 
 
@@ -41,9 +38,11 @@ def same_noncausal(m, q, k, v, tol, nan_at, **params):
     """Non-causal: the kernel equals the PyTorch path and the parallel form; a NaN key at index ``nan_at``
     (batch, head, position, channel) makes every row of that head NaN on both paths."""
     fast = m(q, k, v, causal=False, **params)
-    torch.testing.assert_close(fast, m(pytorch_path(q), k, v, causal=False, **params).detach(), atol=tol, rtol=tol)
+    with native.disabled():
+        torch.testing.assert_close(fast, m(q, k, v, causal=False, **params), atol=tol, rtol=tol)
     torch.testing.assert_close(fast, m(q, k, v, causal=False, impl="parallel", **params), atol=tol, rtol=tol)
     k = k.clone()
     k[nan_at] = float("nan")
-    for query in (q, pytorch_path(q)):
-        assert m(query, k, v, causal=False, **params)[nan_at[:2]].isnan().all()
+    assert m(q, k, v, causal=False, **params)[nan_at[:2]].isnan().all()
+    with native.disabled():
+        assert m(q, k, v, causal=False, **params)[nan_at[:2]].isnan().all()

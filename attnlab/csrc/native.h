@@ -1,4 +1,5 @@
-// attnlab's CPU kernels (forward; range_attention, linear_chunks and linear_noncausal also backward):
+// attnlab's CPU kernels (forward; range_attention, linear_chunks, linear_noncausal and aaren_scan also
+// backward):
 // declarations shared by the kernels and the bindings.
 #pragma once
 #include <ATen/native/CPUBlas.h>
@@ -39,7 +40,12 @@ std::vector<torch::Tensor> rat_chunks(torch::Tensor q, torch::Tensor k, torch::T
                                       double scale);
 
 torch::Tensor aaren_scan(torch::Tensor query, torch::Tensor k, torch::Tensor v, torch::Tensor m, torch::Tensor u,
-                         torch::Tensor w, double scale, bool causal);
+                         torch::Tensor w, double scale, bool causal, c10::optional<torch::Tensor> trace);
+
+std::vector<torch::Tensor> aaren_scan_backward(torch::Tensor query, torch::Tensor k, torch::Tensor v,
+                                               torch::Tensor out, torch::Tensor trace, torch::Tensor dout,
+                                               torch::Tensor du, torch::Tensor dw, torch::Tensor m0, torch::Tensor u0,
+                                               double scale, bool causal);
 
 std::tuple<torch::Tensor, bool> agent_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor agents,
                                              torch::Tensor r, torch::Tensor Z, torch::Tensor U, double scale,

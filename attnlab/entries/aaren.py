@@ -30,9 +30,10 @@ Conventions (where attnlab's ``(B, H, L, D)`` interface meets Aaren):
   position (``attnlab.mechanism('dense')``), and the state is O(1). Rows that differ are refused
   with a ValueError (not silently read from row 0): a different query per position has no O(1)
   recurrent form (exact softmax would need every key: a KV cache), so use ``dense`` for that.
-  A NaN query makes every row NaN; it is the same query. Every form reads the query from row 0,
-  so gradients w.r.t. ``q`` land on row 0; summed over rows (what an expanded view accumulates)
-  they are the gradient w.r.t. the shared query, the only direction in which ``q`` may vary.
+  A NaN query makes every row NaN; it is the same query. The gradient w.r.t. ``q`` is spread
+  evenly over its rows (``g / L`` each, a view): summed over the rows (what an expanded view
+  accumulates) it is the gradient w.r.t. the shared query, the only direction in which ``q`` may
+  vary, and no ``(B, H, L, D)`` tensor of zeros is written for it.
 - **Causal cross** (bottom-right, ``Lq != Lk``): row ``i`` is the prefix output at key position
   ``i + Lk - Lq`` (``Lq < Lk``: the last ``Lq`` prefix outputs; ``Lq > Lk``: the first ``Lq - Lk``
   rows see no key and are 0). The chunked and recurrent forms run the query over all ``Lk`` keys.
@@ -130,10 +131,11 @@ def blockwise_scan(elems: Elems, chunk: int, carry: Optional[Elems] = None) -> E
 # The query: one per (batch, head)
 # --------------------------------------------------------------------------------------------
 def shared_query(q: torch.Tensor, arg: str = "q") -> torch.Tensor:
-    """``q[:, :, 0]`` after checking that every row repeats it (NaN equal to NaN); else ValueError."""
+    """``q[:, :, 0]`` after checking that every row repeats it (NaN equal to NaN); else ValueError. Its
+    gradient w.r.t. ``q`` is spread evenly over the rows (:class:`_Row`)."""
     first = q[:, :, :1]
     if q.shape[2] <= 1 or q.stride(2) == 0 or torch.equal(q, first.expand_as(q)):  # one pass, or none for a view
-        return q[:, :, 0]
+        return _Row.apply(q)
     same = (q == first) | (q.isnan() & first.isnan())  # NaN equal to NaN
     if not bool(same.all()):
         row = int(torch.nonzero(~same.all(-1).all(0).all(0))[0, 0])
@@ -141,7 +143,23 @@ def shared_query(q: torch.Tensor, arg: str = "q") -> torch.Tensor:
                          f"query token, e.g. query[:, :, None].expand(-1, -1, L, -1)), but row {row} differs from row "
                          f"0; a different query per position has no O(1) recurrent form: use "
                          f"attnlab.mechanism('dense') with causal=True for that (aaren equals it for a shared query)")
-    return q[:, :, 0]
+    return _Row.apply(q)
+
+
+class _Row(torch.autograd.Function):
+    """``q[:, :, 0]`` of a query whose rows are equal, with the gradient ``g / L`` in every row, returned as a
+    view repeated along the length axis: summed over the rows (what autograd does for the expanded view a
+    user passes) it is ``g``, the gradient w.r.t. the one query, and no ``(B, H, L, D)`` tensor of zeros is
+    written and read back (what ``q[:, :, 0]``'s own backward does, costing more than Aaren's whole scan)."""
+
+    @staticmethod
+    def forward(ctx, q):
+        ctx.length = q.shape[2]
+        return q[:, :, 0].clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g / ctx.length)[:, :, None].expand(-1, -1, ctx.length, -1)
 
 
 def _state_query(q: torch.Tensor, state: Optional[State], arg: str = "q") -> torch.Tensor:
@@ -179,7 +197,7 @@ def _parallel(call: Call, q, k, v):
 def _chunked(call: Call, q, k, v, state: Optional[State]):
     dt = R.compute_dtype(q.dtype)
     query = _state_query(q, state)
-    if _native.serves(query, k, v, *(() if state is None else state.tensors.values())):
+    if _native.serves(query, k, v, *(() if state is None else state.tensors.values()), backward=True):
         return _native_chunked(call, query, k.to(dt), v.to(dt), state, q)
     elems = tokens(query, k.to(dt), v.to(dt), call.scale)
     carry = None if state is None or state.length == 0 else (state["m"], state["u"], state["w"])
@@ -193,11 +211,13 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
 
 def _native_chunked(call: Call, query, k, v, state: Optional[State], q):
     """:func:`_chunked` on the C++ kernel (:func:`attnlab.native.aaren_scan`): the keys walked once per
-    (batch, head) with the state, every exponent <= 0 as in the scan."""
+    (batch, head) with the state, every exponent <= 0 as in the scan; trained through its backward kernel
+    (one reverse pass)."""
     B, H, L, _ = k.shape
     start = _init(call, B, H, k.dtype, k.device) if state is None else state
-    m, u, w = (start[n].clone(memory_format=torch.contiguous_format) for n in ("m", "u", "w"))  # updated in place
-    out = _native.aaren_scan(query.contiguous(), k, v, m, u, w, call.scale, call.causal).to(q.dtype)
+    out, m, u, w = _native.aaren_scan(query.contiguous(), k, v, start["m"], start["u"], start["w"], call.scale,
+                                      call.causal)
+    out = out.to(q.dtype)
     if not call.causal:
         return out.expand(-1, -1, q.shape[2], -1).contiguous(), None
     return out, _as_state(query, (m, u, w), (0 if state is None else state.length) + L)
@@ -236,12 +256,12 @@ def _impl(form: str, doc: str):
     """Check the shared query before any work; chunked/recurrent causal cross = causal self over Lk keys."""
 
     def run(call: Call, q, k, v):
-        shared_query(q)  # once: the forms then see row 0 repeated as a view, which their own check passes free
+        row = shared_query(q)[:, :, None]  # once: the forms then see it repeated as a view, checked free
         Lq, Lk = call.q_len, call.kv_len
         if form == "parallel" or not call.causal or Lq == Lk:
-            return run_form(form, call, q[:, :, :1].expand_as(q), k, v)[0]
+            return run_form(form, call, row.expand_as(q), k, v)[0]
         whole = dataclasses.replace(call, q_len=Lk, pattern="causal_self")
-        out = run_form(form, whole, q[:, :, :1].expand(-1, -1, Lk, -1), k, v)[0]
+        out = run_form(form, whole, row.expand(-1, -1, Lk, -1), k, v)[0]
         if Lq <= Lk:
             return out[:, :, Lk - Lq:]
         return torch.cat([out.new_zeros(out.shape[:2] + (Lq - Lk, out.shape[-1])), out], 2)
@@ -286,7 +306,7 @@ register(Mechanism(
     reference_impl="parallel",
     recurrence=Recurrence(parallel=_parallel, chunked=_chunked, step=_step, init=_init, state_size=_state_size,
                           noncausal_recurrent=_noncausal_recurrent,
-                          fused=lambda call: _fused_linear(call, backward=False)),
+                          fused=_fused_linear),
     flops=_flops,
     complexity={"time": "O(L (d + d_v)) work on the C++ kernel (the RNN); the parallel prefix scan: O(L d + L d_v "
                         "log C + (L/C) d_v log(L/C)) work, O(log L) depth",

@@ -8,7 +8,7 @@ import torch
 
 import attnlab
 from attnlab import native
-from kernel_paths import pytorch_path, same_noncausal, same_segments, segments
+from kernel_paths import same_noncausal, same_segments, segments
 from attnlab.entries import aaren as A
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -104,8 +104,7 @@ def test_flops_count_one_combine_per_key():
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, causal):
-    """The C++ kernel (taken without autograd) equals the PyTorch path (taken when q requires grad), output and
-    state, over segments longer than the kernel's blocks, with scores far apart (each new maximum rescales the
+    """The C++ kernel equals the PyTorch path (the kernels turned off), output and state, over segments longer than the kernel's blocks, with scores far apart (each new maximum rescales the
     state); a NaN key makes the same outputs NaN on both paths."""
     _, q, k, v = (x.to(dtype) for x in inputs(B=2, H=3, Hkv=3, L=700, D=8, Dv=5))
     k = k * 6
@@ -117,8 +116,53 @@ def test_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, caus
     torch.testing.assert_close(fast, m(q, k, v, causal=True, impl="parallel"), atol=tol, rtol=tol)
     k[1, 2, 400, 3] = float("nan")
     bad = segments(m, q, k, v, (0, 5, 300, 700))[0]
-    assert torch.equal(bad.isnan(), segments(m, pytorch_path(q), k, v, (0, 5, 300, 700))[0].isnan())
+    with native.disabled():
+        assert torch.equal(bad.isnan(), segments(m, q, k, v, (0, 5, 300, 700))[0].isnan())
     assert bad[1, 2, 400:].isnan().all() and not bad[1, 2, :400].isnan().any() and not bad[0].isnan().any()
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpp_backward_equals_autograd_of_the_pytorch_path(dtype, tol, causal):
+    """The kernel's backward (one reverse pass) equals autograd through the PyTorch scan: the query, keys and
+    values, over segments carrying the state (its u and w receive gradients from the later segments), a loss
+    on the outputs and on the final state's u and w, scores far apart (new maxima rescale the state), GQA."""
+    query, _, k, v = inputs(B=2, H=4, Hkv=2, L=600, D=8, Dv=5, dtype=dtype)
+    k = k * 6
+    m = attnlab.mechanism("aaren")
+    g = torch.Generator().manual_seed(4)
+    G = torch.randn(2, 4, 600, 5, generator=g, dtype=torch.float64).to(dtype)
+    Gu, Gw = (torch.randn(*s, generator=g, dtype=torch.float64).to(dtype) for s in ((2, 4), (2, 4, 5)))
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (query, k, v)]
+        q = leaves[0][:, :, None].expand(-1, -1, 600, -1)
+        if not causal:
+            out = m(q, *leaves[1:], causal=False)
+            loss = (out * G).sum()
+        else:
+            out, state = segments(m, q, *leaves[1:], (0, 7, 300, 600))
+            loss = (out * G).sum() + (state["u"] * Gu).sum() + (state["w"] * Gw).sum()
+        kernels = _graph_nodes(out.grad_fn).count("AarenScanBackward")
+        return [out.detach(), *torch.autograd.grad(loss, leaves)], kernels
+
+    fast, kernels = run()
+    assert kernels == (3 if causal else 1)  # one per segment: the kernel's backward is what ran
+    with native.disabled():
+        slow, kernels = run()
+    assert kernels == 0
+    for name, a, b in zip(("out", "dquery", "dk", "dv"), fast, slow):
+        torch.testing.assert_close(a, b, atol=tol * max(1.0, float(b.abs().max())), rtol=tol, msg=name)
+
+
+def _graph_nodes(fn, seen=None):
+    """The names of every node of an autograd graph."""
+    seen = set() if seen is None else seen
+    if fn is None or fn in seen:
+        return []
+    seen.add(fn)
+    return [type(fn).__name__] + [n for nxt, _ in fn.next_functions for n in _graph_nodes(nxt, seen)]
 
 
 def test_step_has_constant_state_and_equals_dense():
