@@ -1,9 +1,9 @@
 """attnlab's C++ CPU kernels (``attnlab/csrc``), built on first use and cached.
 
 Kernels, each the fused form of mathematics that also exists in PyTorch here (and is tested against
-it); forward-only but for ``range_attention``, ``linear_chunks``, ``linear_noncausal`` and
-``aaren_scan``, which have backward kernels (:class:`RangeAttention`, :class:`attnlab.linear.Chunks`,
-:class:`attnlab.linear.NonCausal` and :class:`AarenScan`):
+it); forward-only but for ``range_attention``, ``linear_chunks``, ``linear_noncausal``, ``aaren_scan``
+and ``rat_chunks``, which have backward kernels (:class:`RangeAttention`, :class:`attnlab.linear.Chunks`,
+:class:`attnlab.linear.NonCausal`, :class:`AarenScan` and :class:`RatChunks`):
 
 ``range_attention``  exact softmax attention where every query sees one or a few ranges of keys
                      (sliding windows, 1-D neighborhoods, causal, prefix-LM, documents, sinks
@@ -331,8 +331,34 @@ def rat_chunks(q, k, v, gk, gv, past_k, past_v, carry_k, carry_v, chunk: int, po
     the running summary when ``pos0`` is inside a chunk. Returns ``(out, finals_k, finals_v, last_k,
     last_v)``: the finals after the segment (those of chunks ending in it appended) and the running
     summary after its last token."""
+    if recording(q, k, v, gk, gv, past_k, past_v, carry_k, carry_v) and q.shape[2] > 0:
+        return RatChunks.apply(q, k, v, gk, gv, past_k, past_v, carry_k, carry_v, int(chunk), int(pos0), float(scale))
     return tuple(module().rat_chunks(q, k, v, gk, gv, past_k, past_v, carry_k, carry_v, int(chunk), int(pos0),
-                                     float(scale)))
+                                     float(scale), None))
+
+
+class RatChunks(torch.autograd.Function):
+    """:func:`rat_chunks` with its backward kernel (``csrc/rat.cpp``: FlashAttention-2's backward over the
+    finals and each row's own summary, then the gated recurrences read backwards): the same arguments and
+    outputs, every floating input differentiable, the returned finals and last summary included."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gk, gv, past_k, past_v, carry_k, carry_v, chunk, pos0, scale):
+        lse = q.new_empty(q.shape[:3])
+        out, fin_k, fin_v, last_k, last_v = module().rat_chunks(q, k, v, gk, gv, past_k, past_v, carry_k, carry_v,
+                                                                chunk, pos0, scale, lse)
+        ctx.save_for_backward(q, k, v, gk, gv, carry_k, carry_v, out, fin_k, fin_v, lse)
+        ctx.past, ctx.chunk, ctx.pos0, ctx.scale = past_k.shape[2], chunk, pos0, scale
+        return out, fin_k, fin_v, last_k, last_v
+
+    @staticmethod
+    def backward(ctx, dout, d_fin_k, d_fin_v, d_last_k, d_last_v):
+        q, k, v, gk, gv, carry_k, carry_v, out, fin_k, fin_v, lse = ctx.saved_tensors
+        zero = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
+        grads = module().rat_chunks_backward(q, k, v, gk, gv, carry_k, carry_v, ctx.past, ctx.chunk, ctx.pos0,
+                                             ctx.scale, out, fin_k, fin_v, lse, zero(dout, out), zero(d_fin_k, fin_k),
+                                             zero(d_fin_v, fin_v), zero(d_last_k, carry_k), zero(d_last_v, carry_v))
+        return (*grads, None, None, None)
 
 
 def agent_noncausal(q, k, v, agents, scale: float, chunk: int) -> torch.Tensor:

@@ -46,3 +46,13 @@ def same_noncausal(m, q, k, v, tol, nan_at, **params):
     assert m(q, k, v, causal=False, **params)[nan_at[:2]].isnan().all()
     with native.disabled():
         assert m(q, k, v, causal=False, **params)[nan_at[:2]].isnan().all()
+
+
+def graph_nodes(fn, seen=None):
+    """The names of every node of the autograd graph behind ``fn`` (a tensor's ``grad_fn``): which
+    backward ran (a kernel's Function, or the PyTorch path's operations)."""
+    seen = set() if seen is None else seen
+    if fn is None or fn in seen:
+        return []
+    seen.add(fn)
+    return [type(fn).__name__] + [n for nxt, _ in fn.next_functions for n in graph_nodes(nxt, seen)]

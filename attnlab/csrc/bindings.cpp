@@ -17,4 +17,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("aaren_scan_backward", &aaren_scan_backward, "the gradients of aaren_scan, one reverse pass (CPU)");
   m.def("rat_finals", &rat_finals, "RAT's chunk final summaries (CPU forward)");
   m.def("rat_chunks", &rat_chunks, "RAT's causal chunked form (CPU forward)");
+  m.def("rat_chunks_backward", &rat_chunks_backward, "the gradients of rat_chunks (CPU)");
 }

@@ -1,5 +1,5 @@
-// attnlab's CPU kernels (forward; range_attention, linear_chunks, linear_noncausal and aaren_scan also
-// backward):
+// attnlab's CPU kernels (forward; range_attention, linear_chunks, linear_noncausal, aaren_scan and
+// rat_chunks also backward):
 // declarations shared by the kernels and the bindings.
 #pragma once
 #include <ATen/native/CPUBlas.h>
@@ -37,7 +37,14 @@ torch::Tensor memory_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, s
 std::vector<torch::Tensor> rat_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gk,
                                       torch::Tensor gv, torch::Tensor past_k, torch::Tensor past_v,
                                       torch::Tensor carry_k, torch::Tensor carry_v, int64_t chunk, int64_t pos0,
-                                      double scale);
+                                      double scale, c10::optional<torch::Tensor> lse);
+
+std::vector<torch::Tensor> rat_chunks_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gk,
+                                               torch::Tensor gv, torch::Tensor carry_k, torch::Tensor carry_v,
+                                               int64_t past, int64_t chunk, int64_t pos0, double scale,
+                                               torch::Tensor out, torch::Tensor fin_k, torch::Tensor fin_v,
+                                               torch::Tensor lse, torch::Tensor dout, torch::Tensor d_fin_k,
+                                               torch::Tensor d_fin_v, torch::Tensor d_last_k, torch::Tensor d_last_v);
 
 torch::Tensor aaren_scan(torch::Tensor query, torch::Tensor k, torch::Tensor v, torch::Tensor m, torch::Tensor u,
                          torch::Tensor w, double scale, bool causal, c10::optional<torch::Tensor> trace);

@@ -1,5 +1,5 @@
-// RAT's causal chunked form (CPU, forward): attnlab/entries/rat.py's mathematics fused so that each
-// (batch, head) walks its tokens once, in blocks of BLOCK rows, without the summaries of every
+// RAT's causal chunked form (CPU, forward and backward): attnlab/entries/rat.py's mathematics fused so
+// that each (batch, head) walks its tokens once, in blocks of BLOCK rows, without the summaries of every
 // position ever being written out.
 //
 // Per token at absolute position p (chunk c = p / C), gates g in [0, 1] (per token, one or per channel):
@@ -34,7 +34,7 @@ void recur(const T* h, const T* x, const T* g, bool per_channel, T* out, int64_t
 
 template <typename T>
 void walk(const T* q, const T* k, const T* v, const T* gk, int64_t gk_cols, const T* gv, int64_t gv_cols,
-          const T* carry_k, const T* carry_v, T* fin_k, T* fin_v, T* last_k, T* last_v, T* out, int64_t BH,
+          const T* carry_k, const T* carry_v, T* fin_k, T* fin_v, T* last_k, T* last_v, T* out, T* lse, int64_t BH,
           int64_t L, int64_t D, int64_t Dv, int64_t P, int64_t F, int64_t C, int64_t pos0, T scale) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
     std::vector<T> kt(D * F), qs(BLOCK * D), own_k(BLOCK * D), own_v(BLOCK * Dv), s(BLOCK * KEYS),
@@ -109,12 +109,149 @@ void walk(const T* q, const T* k, const T* v, const T* gk, int64_t gk_cols, cons
         T* op = out + (bh * L + t0) * Dv;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t d = 0; d < Dv; ++d) op[r * Dv + d] = acc[r * Dv + d] / l[r];
+        if (lse)
+          for (int64_t r = 0; r < rows; ++r) lse[bh * L + t0 + r] = m[r] + std::log(l[r]);
         // the running summary moves to the next block with the last row
         std::copy(own_k.data() + (rows - 1) * D, own_k.data() + rows * D, last_k + bh * D);
         std::copy(own_v.data() + (rows - 1) * Dv, own_v.data() + rows * Dv, last_v + bh * Dv);
         rk = last_k + bh * D;
         rv = last_v + bh * Dv;
       }
+    }
+    attnlab::gemm_done();
+  });
+}
+
+// Every row's running summary h_t (L x n) of one (batch, head): the forward's scan, from `carry` when the
+// segment starts inside a chunk.
+template <typename T>
+void summaries(const T* x, const T* g, int64_t gcols, const T* carry, T* h, int64_t L, int64_t n, int64_t C,
+               int64_t pos0) {
+  const std::vector<T> zeros(n);
+  for (int64_t t = 0; t < L; ++t) {
+    const T* before = (pos0 + t) % C == 0 ? zeros.data() : t ? h + (t - 1) * n : carry;
+    recur(before, x + t * n, g + t * gcols, gcols > 1, h + t * n, n);
+  }
+}
+
+// The recurrence h_t = g_t h_{t-1} + (1 - g_t) x_t read backwards inside each chunk: dh (L x n) is the
+// summaries' gradient from everything that reads them; with a_t = dh_t + g_{t+1} a_{t+1} (a chunk's last
+// row, and the segment's, start afresh): dx_t = (1 - g_t) a_t, dg_t = a_t (h_{t-1} - x_t) (summed over the
+// channels for one gate per token) and, when the segment starts inside a chunk, dcarry = g_0 a_0.
+template <typename T>
+void recur_back(const T* x, const T* g, int64_t gcols, const T* h, const T* carry, const T* dh, T* dx, T* dg,
+                T* dcarry, int64_t L, int64_t n, int64_t C, int64_t pos0) {
+  std::vector<T> a(n);
+  const bool per_channel = gcols > 1;
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const bool restart = t == L - 1 || (pos0 + t + 1) % C == 0;  // the next row starts a chunk, or is not here
+    const T* gn = g + (t + 1) * gcols;
+    for (int64_t d = 0; d < n; ++d) a[d] = dh[t * n + d] + (restart ? T(0) : gn[per_channel ? d : 0] * a[d]);
+    const T* gt = g + t * gcols;
+    const T* xt = x + t * n;
+    const T* before = (pos0 + t) % C == 0 ? nullptr : t ? h + (t - 1) * n : carry;
+    T sum = 0;
+    for (int64_t d = 0; d < n; ++d) {
+      const T gd = gt[per_channel ? d : 0], part = a[d] * ((before ? before[d] : T(0)) - xt[d]);
+      dx[t * n + d] = (1 - gd) * a[d];
+      if (per_channel)
+        dg[t * n + d] = part;
+      else
+        sum += part;
+    }
+    if (!per_channel) dg[t] = sum;
+  }
+  for (int64_t d = 0; d < n; ++d) dcarry[d] = pos0 % C ? g[per_channel ? d : 0] * a[d] : T(0);
+}
+
+// The backward of walk() for one segment: the summaries recomputed (the finals come from the forward), then
+// per block of rows FlashAttention-2's backward over the visible finals plus the row's own summary
+// (P = exp(s - lse), dS = P (dO.v - D), D = dO.o), the finals' gradients summed over the blocks, and the
+// recurrences read backwards with every summary's gradient: its own row's, its chunk's final's (and the
+// returned finals' and last summary's gradients).
+template <typename T>
+void walk_back(const T* q, const T* k, const T* v, const T* gk, int64_t gk_cols, const T* gv, int64_t gv_cols,
+               const T* carry_k, const T* carry_v, const T* fin_k, const T* fin_v, const T* out, const T* lse,
+               const T* dout, const T* d_fin_k, const T* d_fin_v, const T* d_last_k, const T* d_last_v, T* dq, T* dk,
+               T* dv, T* dgk, T* dgv, T* d_past_k, T* d_past_v, T* d_carry_k, T* d_carry_v, int64_t BH, int64_t L,
+               int64_t D, int64_t Dv, int64_t P, int64_t F, int64_t C, int64_t pos0, T scale) {
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<T> hk(L * D), hv(L * Dv), dhk(L * D), dhv(L * Dv), dfk(F * D), dfv(F * Dv), kt(D * F),
+        qs(BLOCK * D), s(BLOCK * KEYS), dp(BLOCK * KEYS), st(KEYS * BLOCK), dqb(BLOCK * D), Dr(BLOCK);
+    std::vector<int64_t> vis(BLOCK);
+    for (int64_t bh = begin; bh < stop; ++bh) {
+      const T* fk = fin_k + bh * F * D;
+      const T* fv = fin_v + bh * F * Dv;
+      attnlab::transpose(fk, F, D, kt.data(), F);
+      summaries(k + bh * L * D, gk + bh * L * gk_cols, gk_cols, carry_k + bh * D, hk.data(), L, D, C, pos0);
+      summaries(v + bh * L * Dv, gv + bh * L * gv_cols, gv_cols, carry_v + bh * Dv, hv.data(), L, Dv, C, pos0);
+      for (int64_t x = 0; x < F * D; ++x) dfk[x] = d_fin_k[bh * F * D + x];  // the returned finals' gradients
+      for (int64_t x = 0; x < F * Dv; ++x) dfv[x] = d_fin_v[bh * F * Dv + x];
+      for (int64_t t0 = 0; t0 < L; t0 += BLOCK) {
+        const int64_t rows = std::min(BLOCK, L - t0);
+        const T* qp = q + (bh * L + t0) * D;
+        const T* op = out + (bh * L + t0) * Dv;
+        const T* dop = dout + (bh * L + t0) * Dv;
+        const T* lp = lse + bh * L + t0;
+        for (int64_t r = 0; r < rows; ++r) {  // the own summary: the row's first key
+          const int64_t t = t0 + r;
+          vis[r] = P + (pos0 + t) / C - pos0 / C;
+          T dr = 0, sown = 0, dpown = 0;
+          for (int64_t d = 0; d < Dv; ++d) {
+            dr += dop[r * Dv + d] * op[r * Dv + d];
+            dpown += dop[r * Dv + d] * hv[t * Dv + d];
+          }
+          for (int64_t d = 0; d < D; ++d) {
+            qs[r * D + d] = qp[r * D + d] * scale;
+            sown += qs[r * D + d] * hk[t * D + d];
+          }
+          Dr[r] = dr;
+          const T pown = std::exp(sown - lp[r]), dsown = pown * (dpown - dr);
+          for (int64_t d = 0; d < Dv; ++d) dhv[t * Dv + d] = pown * dop[r * Dv + d];
+          for (int64_t d = 0; d < D; ++d) {
+            dhk[t * D + d] = dsown * qs[r * D + d];
+            dqb[r * D + d] = dsown * hk[t * D + d];
+          }
+        }
+        const int64_t keys = vis[rows - 1];
+        for (int64_t a = 0; a < keys; a += KEYS) {
+          const int64_t n = std::min(KEYS, keys - a);
+          attnlab::gemm(rows, n, D, qs.data(), D, kt.data() + a, F, false, s.data(), n);
+          attnlab::blas_gemm(true, rows, n, Dv, dop, Dv, fv + a * Dv, Dv, dp.data(), n);  // dO . V_f^T
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t e = std::clamp<int64_t>(vis[r] - a, 0, n);
+            T* sr = s.data() + r * n;
+            T* dpr = dp.data() + r * n;
+            for (int64_t j = 0; j < e; ++j) {
+              sr[j] = std::exp(sr[j] - lp[r]);   // P
+              dpr[j] = sr[j] * (dpr[j] - Dr[r]);  // dS
+            }
+            std::fill(sr + e, sr + n, T(0));
+            std::fill(dpr + e, dpr + n, T(0));
+          }
+          attnlab::gemm(rows, D, n, dp.data(), n, fk + a * D, D, true, dqb.data(), D);  // dq += dS K_f
+          attnlab::transpose(s.data(), rows, n, st.data(), rows);
+          attnlab::gemm(n, Dv, rows, st.data(), rows, dop, Dv, true, dfv.data() + a * Dv, Dv);  // dV_f += P^T dO
+          attnlab::transpose(dp.data(), rows, n, st.data(), rows);
+          attnlab::gemm(n, D, rows, st.data(), rows, qs.data(), D, true, dfk.data() + a * D, D);  // dK_f += dS^T Qs
+        }
+        T* dqp = dq + (bh * L + t0) * D;
+        for (int64_t x = 0; x < rows * D; ++x) dqp[x] = dqb[x] * scale;
+      }
+      for (int64_t t = 0; t < L; ++t) {  // a chunk's last row is its final: that key's gradient joins its own
+        if ((pos0 + t) % C != C - 1) continue;
+        const int64_t c = P + (pos0 + t) / C - pos0 / C;
+        for (int64_t d = 0; d < D; ++d) dhk[t * D + d] += dfk[c * D + d];
+        for (int64_t d = 0; d < Dv; ++d) dhv[t * Dv + d] += dfv[c * Dv + d];
+      }
+      for (int64_t d = 0; d < D; ++d) dhk[(L - 1) * D + d] += d_last_k[bh * D + d];
+      for (int64_t d = 0; d < Dv; ++d) dhv[(L - 1) * Dv + d] += d_last_v[bh * Dv + d];
+      std::copy(dfk.data(), dfk.data() + P * D, d_past_k + bh * P * D);
+      std::copy(dfv.data(), dfv.data() + P * Dv, d_past_v + bh * P * Dv);
+      recur_back(k + bh * L * D, gk + bh * L * gk_cols, gk_cols, hk.data(), carry_k + bh * D, dhk.data(),
+                 dk + bh * L * D, dgk + bh * L * gk_cols, d_carry_k + bh * D, L, D, C, pos0);
+      recur_back(v + bh * L * Dv, gv + bh * L * gv_cols, gv_cols, hv.data(), carry_v + bh * Dv, dhv.data(),
+                 dv + bh * L * Dv, dgv + bh * L * gv_cols, d_carry_v + bh * Dv, L, Dv, C, pos0);
     }
     attnlab::gemm_done();
   });
@@ -178,7 +315,7 @@ std::vector<torch::Tensor> rat_finals(torch::Tensor k, torch::Tensor v, torch::T
 std::vector<torch::Tensor> rat_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gk,
                                       torch::Tensor gv, torch::Tensor past_k, torch::Tensor past_v,
                                       torch::Tensor carry_k, torch::Tensor carry_v, int64_t chunk, int64_t pos0,
-                                      double scale) {
+                                      double scale, c10::optional<torch::Tensor> lse) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4, "q, k must be (B, H, L, D), v (B, H, L, Dv)");
   TORCH_CHECK(chunk > 0 && pos0 >= 0, "chunk must be positive and pos0 non-negative");
   const auto dt = q.scalar_type();
@@ -206,13 +343,59 @@ std::vector<torch::Tensor> rat_chunks(torch::Tensor q, torch::Tensor k, torch::T
   auto last_k = torch::empty({B, H, D}, q.options());
   auto last_v = torch::empty({B, H, Dv}, q.options());
   auto out = torch::empty({B, H, L, Dv}, q.options());
+  if (lse)
+    TORCH_CHECK(lse->is_contiguous() && lse->scalar_type() == dt && lse->numel() == B * H * L,
+                "lse must be a contiguous (B, H, L) tensor of q's dtype");
   if (L == 0) return {out, fin_k, fin_v, carry_k.clone(), carry_v.clone()};
   AT_DISPATCH_FLOATING_TYPES(dt, "rat_chunks", [&] {
     using T = scalar_t;
     walk<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), gk.data_ptr<T>(), gk.size(3), gv.data_ptr<T>(),
             gv.size(3), carry_k.data_ptr<T>(), carry_v.data_ptr<T>(), fin_k.data_ptr<T>(), fin_v.data_ptr<T>(),
-            last_k.data_ptr<T>(), last_v.data_ptr<T>(), out.data_ptr<T>(), B * H, L, D, Dv, P, F, chunk, pos0,
-            static_cast<T>(scale));
+            last_k.data_ptr<T>(), last_v.data_ptr<T>(), out.data_ptr<T>(), lse ? lse->data_ptr<T>() : nullptr, B * H,
+            L, D, Dv, P, F, chunk, pos0, static_cast<T>(scale));
   });
   return {out, fin_k, fin_v, last_k, last_v};
+}
+
+// The gradients of rat_chunks (L > 0): its inputs, then what it returned (out, finals_k, finals_v) and its
+// lse (B, H, L), then the gradients of out, finals_k, finals_v, last_k and last_v. Returns (dq, dk, dv, dgk,
+// dgv, d_past_k, d_past_v, d_carry_k, d_carry_v), each shaped as its input (the gates' as the (B, H, L, 1|F)
+// tensors given).
+std::vector<torch::Tensor> rat_chunks_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gk,
+                                               torch::Tensor gv, torch::Tensor carry_k, torch::Tensor carry_v,
+                                               int64_t past, int64_t chunk, int64_t pos0, double scale,
+                                               torch::Tensor out, torch::Tensor fin_k, torch::Tensor fin_v,
+                                               torch::Tensor lse, torch::Tensor dout, torch::Tensor d_fin_k,
+                                               torch::Tensor d_fin_v, torch::Tensor d_last_k, torch::Tensor d_last_v) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4, "q, k must be (B, H, L, D), v (B, H, L, Dv)");
+  const auto dt = q.scalar_type();
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Dv = v.size(3), F = fin_k.size(2);
+  TORCH_CHECK(L > 0 && chunk > 0 && pos0 >= 0 && past >= 0 && past <= F, "L, chunk positive; 0 <= past <= F");
+  check_gates(gk, gv, k, Dv);
+  TORCH_CHECK(out.sizes() == v.sizes() && dout.sizes() == v.sizes() && lse.numel() == B * H * L &&
+                  fin_k.dim() == 4 && fin_k.size(3) == D && fin_v.numel() == B * H * F * Dv &&
+                  d_fin_k.sizes() == fin_k.sizes() && d_fin_v.numel() == fin_v.numel() &&
+                  carry_k.numel() == B * H * D && carry_v.numel() == B * H * Dv && d_last_k.numel() == B * H * D &&
+                  d_last_v.numel() == B * H * Dv,
+              "out, dout (B, H, L, Dv), lse (B, H, L), finals and their gradients (B, H, F, D|Dv), carry and last "
+              "gradients (B, H, D|Dv)");
+  std::vector<torch::Tensor> in{q, k, v, gk, gv, carry_k, carry_v, fin_k, fin_v, out, lse, dout, d_fin_k, d_fin_v,
+                                d_last_k, d_last_v};
+  for (auto& x : in) {
+    TORCH_CHECK(x.scalar_type() == dt, "every tensor must have q's dtype");
+    x = x.contiguous();
+  }
+  auto dq = torch::empty_like(in[0]), dk = torch::empty_like(in[1]), dv = torch::empty_like(in[2]);
+  auto dgk = torch::empty_like(in[3]), dgv = torch::empty_like(in[4]);
+  auto d_past_k = torch::empty({B, H, past, D}, q.options()), d_past_v = torch::empty({B, H, past, Dv}, q.options());
+  auto d_carry_k = torch::empty({B, H, D}, q.options()), d_carry_v = torch::empty({B, H, Dv}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "rat_chunks_backward", [&] {
+    using T = scalar_t;
+    auto p = [&](int i) { return in[i].data_ptr<T>(); };
+    walk_back<T>(p(0), p(1), p(2), p(3), gk.size(3), p(4), gv.size(3), p(5), p(6), p(7), p(8), p(9), p(10), p(11),
+                 p(12), p(13), p(14), p(15), dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), dgk.data_ptr<T>(),
+                 dgv.data_ptr<T>(), d_past_k.data_ptr<T>(), d_past_v.data_ptr<T>(), d_carry_k.data_ptr<T>(),
+                 d_carry_v.data_ptr<T>(), B * H, L, D, Dv, past, F, chunk, pos0, static_cast<T>(scale));
+  });
+  return {dq, dk, dv, dgk, dgv, d_past_k, d_past_v, d_carry_k, d_carry_v};
 }

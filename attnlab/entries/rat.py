@@ -44,9 +44,10 @@ Conventions (where the paper leaves attnlab's interface open):
 Forms: **parallel** = the unrolled sums above (a loop over the lag ``d``), then masked dense
 attention over the per-position summaries (the reference); **chunked** = the recurrence as a
 Hillis-Steele scan inside each chunk, then the queries (in groups of bounded memory) attend to the
-chunk finals plus their own summary; causal and without autograd on CPU, the C++ kernel
+chunk finals plus their own summary; causal on CPU, the C++ kernel
 (:func:`attnlab.native.rat_chunks`) runs the recurrence as written and attends block by block in one
-pass per (batch, head); **recurrent** = the step above. Accumulation is float32 for
+pass per (batch, head), and trains on its backward kernel (the attention's backward over the finals,
+then the recurrences read backwards); **recurrent** = the step above. Accumulation is float32 for
 half inputs; the recurrence is a convex combination (no growth), and every softmax row contains
 the query's own summary, so no row is empty and no epsilon is needed.
 """
@@ -202,7 +203,7 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
     state = state if state is not None else _init(call, q.shape[0], q.shape[1], q.dtype, q.device)
     p0, L = state.length, k.shape[2]
     r = p0 % C
-    if _native.serves(qq, k, v, gk, gv, *state.tensors.values()):
+    if _native.serves(qq, k, v, gk, gv, *state.tensors.values(), backward=True):
         return _native_chunked(call, qq, k, v, gk, gv, state)
     carry = (state["key"], state["value"]) if r else (None, None)
     sk = scan_summaries(k, gk, C, r, carry[0])
@@ -357,8 +358,8 @@ register(Mechanism(
     patterns=("noncausal_self", "causal_self", "noncausal_cross", "causal_cross"),
     params=(CHUNK, GATE, GATES, OFFSETS),
     impls=forms({"chunked": "chunked form: intra-chunk recurrence as a parallel scan, attention over chunk finals "
-                            "in query groups (O(L^2/C d) time, O(L d) memory); on CPU without autograd C++ kernels "
-                            "(the recurrence as written, causal: one pass per (batch, head))",
+                            "in query groups (O(L^2/C d) time, O(L d) memory); on CPU C++ kernels (the recurrence as "
+                            "written; causal: one pass per (batch, head), with a backward kernel)",
                  "recurrent": "recurrent form: one token at a time; state = running summary + one per finished "
                               "chunk (O(t/C d))"}),
     check_params=_check,
@@ -367,7 +368,7 @@ register(Mechanism(
     reference_impl="parallel",
     recurrence=Recurrence(parallel=_parallel, chunked=_chunked, step=_step, init=_init, state_size=_state_size,
                           noncausal_recurrent=_noncausal_recurrent,
-                          fused=lambda call: _fused_linear(call, backward=False)),
+                          fused=lambda call: call.causal and _fused_linear(call)),
     flops=_flops,
     complexity={"time": "O(L^2/C d + L d) (the PyTorch path's parallel scan: + L d log C)", "memory": "O(L d)",
                 "state": "O(L/C d)"},

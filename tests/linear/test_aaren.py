@@ -8,7 +8,7 @@ import torch
 
 import attnlab
 from attnlab import native
-from kernel_paths import same_noncausal, same_segments, segments
+from kernel_paths import graph_nodes, same_noncausal, same_segments, segments
 from attnlab.entries import aaren as A
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -144,7 +144,7 @@ def test_cpp_backward_equals_autograd_of_the_pytorch_path(dtype, tol, causal):
         else:
             out, state = segments(m, q, *leaves[1:], (0, 7, 300, 600))
             loss = (out * G).sum() + (state["u"] * Gu).sum() + (state["w"] * Gw).sum()
-        kernels = _graph_nodes(out.grad_fn).count("AarenScanBackward")
+        kernels = graph_nodes(out.grad_fn).count("AarenScanBackward")
         return [out.detach(), *torch.autograd.grad(loss, leaves)], kernels
 
     fast, kernels = run()
@@ -154,15 +154,6 @@ def test_cpp_backward_equals_autograd_of_the_pytorch_path(dtype, tol, causal):
     assert kernels == 0
     for name, a, b in zip(("out", "dquery", "dk", "dv"), fast, slow):
         torch.testing.assert_close(a, b, atol=tol * max(1.0, float(b.abs().max())), rtol=tol, msg=name)
-
-
-def _graph_nodes(fn, seen=None):
-    """The names of every node of an autograd graph."""
-    seen = set() if seen is None else seen
-    if fn is None or fn in seen:
-        return []
-    seen.add(fn)
-    return [type(fn).__name__] + [n for nxt, _ in fn.next_functions for n in _graph_nodes(nxt, seen)]
 
 
 def test_step_has_constant_state_and_equals_dense():

@@ -8,6 +8,7 @@ import torch
 
 import attnlab
 from attnlab import native
+from kernel_paths import graph_nodes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 FORMS = ("parallel", "chunked", "recurrent")
@@ -209,9 +210,9 @@ def test_bad_gates_raise_naming_gates():
 @pytest.mark.parametrize("chunk,gates", [(4, "key+value"), (5, "per-head"), (3, None), (1, "shared"), (64, None),
                                          (16, "shared")])
 def test_causal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, chunk, gates):
-    """The C++ kernel (taken without autograd) equals the PyTorch path (taken when q requires grad), output and
-    state, over segments that start and end inside chunks (more than one block of rows), for every gate shape;
-    a NaN key makes the same outputs NaN on both paths."""
+    """The C++ kernel equals the PyTorch path (the kernels turned off), output and state, over segments that
+    start and end inside chunks (more than one block of rows), for every gate shape; a NaN key makes the same
+    outputs NaN on both paths."""
     g = torch.Generator().manual_seed(9)
     B, H, L, D, Dv = 2, 3, 150, 8, 8
     q, k, v = (torch.randn(B, H, L, d, generator=g, dtype=torch.float64).to(dtype) for d in (D, D, Dv))
@@ -231,11 +232,55 @@ def test_causal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, to
         return torch.cat(outs, 2), state
 
     fast, fast_state = segments(q, k)
-    slow, slow_state = segments(q.clone().requires_grad_(), k)
-    torch.testing.assert_close(fast, slow.detach(), atol=tol, rtol=tol)
+    with native.disabled():
+        slow, slow_state = segments(q, k)
+    torch.testing.assert_close(fast, slow, atol=tol, rtol=tol)
     for name in fast_state.tensors:
-        torch.testing.assert_close(fast_state[name], slow_state[name].detach(), atol=tol, rtol=tol)
+        torch.testing.assert_close(fast_state[name], slow_state[name], atol=tol, rtol=tol)
     k[1, 2, 70, 3] = float("nan")
     bad, _ = segments(q, k)
-    assert torch.equal(bad.isnan(), segments(q.clone().requires_grad_(), k)[0].isnan())
+    with native.disabled():
+        assert torch.equal(bad.isnan(), segments(q, k)[0].isnan())
     assert bad[1, 2, 70:].isnan().all() and not bad[1, 2, :70].isnan().any() and not bad[0].isnan().any()
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("chunk,gates,cuts", [(4, "key+value", (0, 3, 4, 11, 16, 90, 150)), (5, "per-head", (0, 150)),
+                                              (3, None, (0, 70, 150)), (16, "shared", (0, 7, 150)),
+                                              (1, "shared", (0, 150)), (64, "key+value", (0, 100, 150))])
+def test_causal_cpp_backward_equals_autograd_of_the_pytorch_path(dtype, tol, chunk, gates, cuts):
+    """The kernel's backward (attention over the finals and the own summary, then the recurrences read
+    backwards) equals autograd through the PyTorch path: q, k, v and the gates, over segments that carry the
+    state (its finals and running summary reach the later segments' gradients), with a loss on the outputs and
+    on the final state; the kernel's backward is what ran (one per segment)."""
+    g = torch.Generator().manual_seed(11)
+    B, H, L, D, Dv = 2, 3, 150, 8, 6
+    q, k, v = (torch.randn(B, H, L, d, generator=g, dtype=torch.float64).to(dtype) for d in (D, D, Dv))
+    F = {"key+value": D + Dv, "per-head": 1, "shared": D}
+    gate = None
+    if gates is not None:
+        shape = (1, H, L, 1) if gates == "per-head" else (B, H, L, F[gates])
+        gate = torch.rand(*shape, generator=g, dtype=torch.float64).to(dtype)
+    if gates == "shared":
+        v = v[..., :1].expand(-1, -1, -1, D).contiguous() + torch.randn(B, H, L, D, generator=g).to(dtype)
+    G = torch.randn(B, H, L, v.shape[-1], generator=g, dtype=torch.float64).to(dtype)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v) + ((gate,) if gate is not None else ())]
+        state, outs = None, []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            seg = {"chunk": chunk} if gate is None else {"chunk": chunk, "gates": leaves[3][:, :, a:b]}
+            o, state = M.scan(*(x[:, :, a:b] for x in leaves[:3]), state, **seg)
+            outs.append(o)
+        out = torch.cat(outs, 2)
+        loss = (out * G).sum() + sum((x * x.detach().cos()).sum() for x in state.tensors.values())
+        return [out.detach(), *torch.autograd.grad(loss, leaves)], graph_nodes(out.grad_fn).count("RatChunksBackward")
+
+    fast, kernels = run()
+    assert kernels == len(cuts) - 1
+    with native.disabled():
+        slow, kernels = run()
+    assert kernels == 0
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dgates"), fast, slow):
+        torch.testing.assert_close(a, b, atol=tol * max(1.0, float(b.abs().max())), rtol=tol, msg=name)
