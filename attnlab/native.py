@@ -1,9 +1,10 @@
 """attnlab's C++ CPU kernels (``attnlab/csrc``), built on first use and cached.
 
 Kernels, each the fused form of mathematics that also exists in PyTorch here (and is tested against
-it); forward-only but for ``range_attention``, ``linear_chunks``, ``linear_noncausal``, ``aaren_scan``
-and ``rat_chunks``, which have backward kernels (:class:`RangeAttention`, :class:`attnlab.linear.Chunks`,
-:class:`attnlab.linear.NonCausal`, :class:`AarenScan` and :class:`RatChunks`):
+it); forward-only but for ``range_attention``, ``linear_chunks``, ``linear_noncausal``, ``aaren_scan``,
+``rat_chunks`` and ``rat_finals``, which have backward kernels (:class:`RangeAttention`,
+:class:`attnlab.linear.Chunks`, :class:`attnlab.linear.NonCausal`, :class:`AarenScan`, :class:`RatChunks`
+and :class:`RatFinals`):
 
 ``range_attention``  exact softmax attention where every query sees one or a few ranges of keys
                      (sliding windows, 1-D neighborhoods, causal, prefix-LM, documents, sinks
@@ -320,8 +321,29 @@ def memory_chunks(q, k, v, ws: list, g: list, coefficients, chunk: int, pos0: in
 
 def rat_finals(k, v, gk, gv, chunk: int):
     """RAT's final summary of every chunk (the last may be shorter), gates as :func:`rat_chunks`':
-    ``(finals_k, finals_v)``, one (batch, head, chunk) per work item."""
+    ``(finals_k, finals_v)``, one (batch, head, chunk) per work item; differentiable (:class:`RatFinals`)
+    when autograd records."""
+    if recording(k, v, gk, gv):
+        return RatFinals.apply(k, v, gk, gv, int(chunk))
     return tuple(module().rat_finals(k, v, gk, gv, int(chunk)))
+
+
+class RatFinals(torch.autograd.Function):
+    """:func:`rat_finals` with its backward kernel: each chunk's recurrence read backwards from its last row."""
+
+    @staticmethod
+    def forward(ctx, k, v, gk, gv, chunk):
+        ctx.save_for_backward(k, v, gk, gv)
+        ctx.chunk = chunk
+        return tuple(module().rat_finals(k, v, gk, gv, chunk))
+
+    @staticmethod
+    def backward(ctx, d_fk, d_fv):
+        k, v, gk, gv = ctx.saved_tensors
+        n = -(-k.shape[2] // ctx.chunk)
+        d_fk = k.new_zeros(*k.shape[:2], n, k.shape[3]) if d_fk is None else d_fk
+        d_fv = v.new_zeros(*v.shape[:2], n, v.shape[3]) if d_fv is None else d_fv
+        return (*module().rat_finals_backward(k, v, gk, gv, ctx.chunk, d_fk, d_fv), None)
 
 
 def rat_chunks(q, k, v, gk, gv, past_k, past_v, carry_k, carry_v, chunk: int, pos0: int, scale: float):

@@ -16,6 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("aaren_scan", &aaren_scan, "Aaren's prefix outputs of one query, as an RNN (CPU forward)");
   m.def("aaren_scan_backward", &aaren_scan_backward, "the gradients of aaren_scan, one reverse pass (CPU)");
   m.def("rat_finals", &rat_finals, "RAT's chunk final summaries (CPU forward)");
+  m.def("rat_finals_backward", &rat_finals_backward, "the gradients of rat_finals (CPU)");
   m.def("rat_chunks", &rat_chunks, "RAT's causal chunked form (CPU forward)");
   m.def("rat_chunks_backward", &rat_chunks_backward, "the gradients of rat_chunks (CPU)");
 }

@@ -1,5 +1,5 @@
-// attnlab's CPU kernels (forward; range_attention, linear_chunks, linear_noncausal, aaren_scan and
-// rat_chunks also backward):
+// attnlab's CPU kernels (forward; range_attention, linear_chunks, linear_noncausal, aaren_scan,
+// rat_chunks and rat_finals also backward):
 // declarations shared by the kernels and the bindings.
 #pragma once
 #include <ATen/native/CPUBlas.h>
@@ -84,6 +84,9 @@ torch::Tensor agent_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v,
 
 std::vector<torch::Tensor> rat_finals(torch::Tensor k, torch::Tensor v, torch::Tensor gk, torch::Tensor gv,
                                       int64_t chunk);
+
+std::vector<torch::Tensor> rat_finals_backward(torch::Tensor k, torch::Tensor v, torch::Tensor gk, torch::Tensor gv,
+                                               int64_t chunk, torch::Tensor d_fk, torch::Tensor d_fv);
 
 extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
                        const double*, const int*, const double*, const int*, const double*, double*, const int*);

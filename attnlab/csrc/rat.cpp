@@ -306,6 +306,49 @@ std::vector<torch::Tensor> rat_finals(torch::Tensor k, torch::Tensor v, torch::T
   return {fk, fv};
 }
 
+// The gradients of rat_finals: its inputs and the finals' gradients d_fk (B, H, n, D), d_fv (B, H, n, Dv).
+// Returns (dk, dv, dgk, dgv): each chunk's recurrence read backwards from its last row, one (batch, head,
+// chunk) per work item.
+std::vector<torch::Tensor> rat_finals_backward(torch::Tensor k, torch::Tensor v, torch::Tensor gk, torch::Tensor gv,
+                                               int64_t chunk, torch::Tensor d_fk, torch::Tensor d_fv) {
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && chunk > 0, "k (B, H, L, D), v (B, H, L, Dv); chunk positive");
+  const int64_t B = k.size(0), H = k.size(1), L = k.size(2), D = k.size(3), Dv = v.size(3);
+  const int64_t n = (L + chunk - 1) / chunk;
+  TORCH_CHECK(L > 0 && v.size(0) == B && v.size(1) == H && v.size(2) == L && d_fk.numel() == B * H * n * D &&
+                  d_fv.numel() == B * H * n * Dv,
+              "v (B, H, L, Dv) and the finals' gradients (B, H, ceil(L / chunk), D|Dv)");
+  check_gates(gk, gv, k, Dv);
+  std::vector<torch::Tensor> in{k, v, gk, gv, d_fk, d_fv};
+  for (auto& x : in) {
+    TORCH_CHECK(x.scalar_type() == k.scalar_type(), "every tensor must have k's dtype");
+    x = x.contiguous();
+  }
+  auto dk = torch::empty_like(in[0]), dv = torch::empty_like(in[1]);
+  auto dgk = torch::empty_like(in[2]), dgv = torch::empty_like(in[3]);
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "rat_finals_backward", [&] {
+    using T = scalar_t;
+    const int64_t ck = gk.size(3), cv = gv.size(3);
+    at::parallel_for(0, B * H * n, 1, [&](int64_t begin, int64_t stop) {
+      std::vector<T> h(chunk * std::max(D, Dv)), dh(chunk * std::max(D, Dv)), none(std::max(D, Dv));
+      for (int64_t item = begin; item < stop; ++item) {  // one chunk of one (batch, head)
+        const int64_t bh = item / n, c0 = (item % n) * chunk, m = std::min(L, c0 + chunk) - c0, row = bh * L + c0;
+        for (int side = 0; side < 2; ++side) {
+          const int64_t w = side ? Dv : D, cols = side ? cv : ck;
+          const T* x = in[side].data_ptr<T>() + row * w;
+          const T* g = in[2 + side].data_ptr<T>() + row * cols;
+          const T* dfin = in[4 + side].data_ptr<T>() + item * w;
+          summaries(x, g, cols, none.data(), h.data(), m, w, chunk, int64_t(0));
+          std::fill(dh.begin(), dh.begin() + m * w, T(0));
+          std::copy(dfin, dfin + w, dh.data() + (m - 1) * w);  // only the chunk's last row is read
+          recur_back(x, g, cols, h.data(), none.data(), dh.data(), (side ? dv : dk).data_ptr<T>() + row * w,
+                     (side ? dgv : dgk).data_ptr<T>() + row * cols, none.data(), m, w, chunk, int64_t(0));
+        }
+      }
+    });
+  });
+  return {dk, dv, dgk, dgv};
+}
+
 // q, k: (B, H, L, D); v: (B, H, L, Dv); gk: (B, H, L, 1 | D), gv: (B, H, L, 1 | Dv) forget gates;
 // past_k: (B, H, P, D), past_v: (B, H, P, Dv) the finished chunks' final summaries before the segment,
 // whose first token sits at absolute position pos0; carry_k (B, H, D), carry_v (B, H, Dv) the running

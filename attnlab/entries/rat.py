@@ -194,7 +194,7 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
     k, v, qq = k.to(dt), v.to(dt), q.to(dt)
     if not call.causal:
         L = k.shape[2]
-        if _native.serves(qq, k, v, gk, gv):  # the finals by the recurrence itself, then SDPA over them
+        if _native.serves(qq, k, v, gk, gv, backward=True):  # the finals by the recurrence itself, then SDPA
             fk, fv = _native.rat_finals(k, v, *_kernel_gates(k, gk, gv), C)
             out = torch.nn.functional.scaled_dot_product_attention(qq, fk, fv, scale=call.scale)
             return out.to(q.dtype), None

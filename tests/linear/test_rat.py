@@ -161,7 +161,8 @@ def test_state_holds_one_summary_per_finished_chunk():
                                            (200, None, 70)])
 def test_noncausal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, chunk, gates, Lq):
     """Non-causal (cross lengths too): the chunks' finals by the C++ recurrence, then attention over them, equal
-    the PyTorch path and the definition; a NaN key makes every row of its head NaN on both paths."""
+    the PyTorch path (the kernels turned off) and the definition, output and gradients (q, k, v, gates: the
+    finals' backward kernel); a NaN key makes every row of its head NaN on both paths."""
     g = torch.Generator().manual_seed(11)
     B, H, L, D, Dv = 2, 3, 150, 8, 6
     q = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64).to(dtype)
@@ -171,12 +172,27 @@ def test_noncausal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype,
         shape = (1, H, L, 1) if gates == "per-head" else (B, H, L, D + Dv)
         params["gates"] = torch.rand(*shape, generator=g, dtype=torch.float64).to(dtype)
     fast = M(q, k, v, causal=False, **params)
-    torch.testing.assert_close(fast, M(q.clone().requires_grad_(), k, v, causal=False, **params).detach(), atol=tol,
-                               rtol=tol)
+    with native.disabled():
+        torch.testing.assert_close(fast, M(q, k, v, causal=False, **params), atol=tol, rtol=tol)
     torch.testing.assert_close(fast, M(q, k, v, causal=False, impl="parallel", **params), atol=tol, rtol=tol)
+    G = torch.randn(fast.shape, generator=g, dtype=torch.float64).to(dtype)
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_(True) for t in [q, k, v] + list(params.values())[1:]]
+        out = M(*leaves[:3], causal=False, chunk=chunk, **dict(zip(list(params)[1:], leaves[3:])))
+        return [out.detach(), *torch.autograd.grad((out * G).sum(), leaves)], graph_nodes(out.grad_fn)
+
+    kernel, nodes = grads()
+    assert "RatFinalsBackward" in nodes
+    with native.disabled():
+        slow, nodes = grads()
+    assert "RatFinalsBackward" not in nodes
+    for a, b in zip(kernel, slow):
+        torch.testing.assert_close(a, b, atol=10 * tol * max(1.0, float(b.abs().max())), rtol=10 * tol)
     k[1, 2, 60, 3] = float("nan")
     assert M(q, k, v, causal=False, **params)[1, 2].isnan().all()
-    assert M(q.clone().requires_grad_(), k, v, causal=False, **params)[1, 2].isnan().all()
+    with native.disabled():
+        assert M(q, k, v, causal=False, **params)[1, 2].isnan().all()
 
 
 def test_flops_count_visible_pairs():
