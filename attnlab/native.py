@@ -453,12 +453,13 @@ def linear_noncausal(q, k, v, chunk: int, normalize_eps: Optional[float] = None,
 
 
 def linear_noncausal_backward(q, k, v, dout: torch.Tensor, chunk: int, normalize_eps: Optional[float] = None,
-                              feature: str = "identity", q_scale: float = 1.0, feature_dim: int = 0):
-    """The gradients ``(dq, dk, dv)`` of :func:`linear_noncausal` without RALA's weights for the output's
+                              feature: str = "identity", q_scale: float = 1.0, feature_dim: int = 0,
+                              rala_scale: float = 0.0):
+    """The gradients ``(dq, dk, dv)`` of :func:`linear_noncausal` (RALA's weights too) for the output's
     gradient ``dout`` (:class:`attnlab.linear.NonCausal`)."""
     eps = None if normalize_eps is None else float(normalize_eps)
     return tuple(module().linear_noncausal_backward(q, k, v, dout, int(chunk), eps, LINEAR_FEATURES.index(feature),
-                                                    int(feature_dim), float(q_scale)))
+                                                    int(feature_dim), float(q_scale), float(rala_scale)))
 
 
 def main() -> int:

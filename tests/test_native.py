@@ -491,6 +491,34 @@ def test_linear_noncausal_backward_equals_autograd_of_the_pytorch_form(dtype, to
     _close(*_grads_both_paths(fn, leaves, [rnd(B, H, Lq, Dv)]), tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("feature,q_scale", [("elu+1", 1.0), ("elu+1", 0.6), ("taylor", 1.0), ("relu", 1.0)])
+@pytest.mark.parametrize("Lk", [150, 97])
+def test_linear_noncausal_backward_with_rala_weights(dtype, tol, feature, q_scale, Lk):
+    """RALA's weights in the backward kernel (the softmax over the keys and the global query's gradient,
+    which reaches every query) against autograd through ``α = softmax(rala_scale q̄·φ(k))``, the weighted
+    keys and the normalized read-out; logits spread enough that the online maximum moves."""
+    B, H, Lq, D, Dv, d, eps, rala = 2, 3, 150, 8, 5, 3, 1e-3, 2.5
+    g = torch.Generator().manual_seed(12)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    q, k = rnd(B, H, Lq, D), rnd(B, H, Lk, D)
+    if feature == "relu":  # positive features: a denominator away from 0
+        q, k = q.abs(), k.abs()
+    leaves = [t.requires_grad_() for t in (q, k, rnd(B, H, Lk, Dv))]
+
+    def fn(q, k, v):
+        out = K.noncausal_fused(q, k, v, chunk=16, feature=feature, q_scale=q_scale, normalize_eps=eps,
+                                feature_dim=d, rala_scale=rala)
+        if out is None:  # the kernels turned off: the PyTorch form
+            fq, fk = K.feature_map(feature, q, d), K.feature_map(feature, k, d)
+            alpha = torch.softmax(rala * (fq.mean(2, keepdim=True) @ fk.transpose(-1, -2)), dim=-1)
+            fk = fk * alpha.transpose(-1, -2)
+            out = K.finish(K.noncausal(fq * q_scale, fk, K.with_ones(v, True)), True, eps)
+        return (out,)
+
+    _close(*_grads_both_paths(fn, leaves, [rnd(B, H, Lq, Dv)]), tol)
+
+
 def test_native_impl_listed():
     assert executor.NATIVE in executor.MASKED_IMPLS
     assert attnlab.mechanism("sliding_window").impl("native") is executor.NATIVE

@@ -1,6 +1,5 @@
 // Backward of the causal chunked linear form (linear_chunks, read forwards or backwards; and of
-// linear_noncausal without RALA's weights, at the end). Per (batch,
-// head), one sweep recomputes the state before every chunk (one GEMM per chunk, the states kept:
+// linear_noncausal, RALA's weights included, at the end). Per (batch, head), one sweep recomputes the state before every chunk (one GEMM per chunk, the states kept:
 // L/C x F x Ds floats), then the chunks are walked backwards with the state's gradient dS' (of the
 // state after the chunk) in cache. The feature map is applied to each chunk as it is read, and its
 // backward to dQ and dK at the end (attnlab/csrc/linear.h). With the normalizer (or InLine's centred
@@ -363,17 +362,25 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
   });
 }
 
-// The non-causal form without decay (linear_noncausal without RALA's weights): S = phi(K)^T V and
-// z = the sum of phi(k), o = phi(Q) S (/ (phi(Q) z + eps)). Three passes per (batch, head): the keys'
-// S and z; the queries' dn, dd (from num and den recomputed), dphi(q) = dn S^T + dd z^T and
-// dS = sum phi(q)^T dn, dz = sum phi(q)^T dd; the keys' dphi(k) = V dS^T + dz and dV = phi(K) dS.
+// The non-causal form without decay (linear_noncausal): S = phi(K)^T V and z = the sum of phi(k),
+// o = phi(Q) S (/ (phi(Q) z + eps)). Three passes per (batch, head): the keys' S and z; the queries' dn, dd
+// (from num and den recomputed), dphi(q) = dn S^T + dd z^T and dS = sum phi(q)^T dn, dz = sum phi(q)^T dd;
+// the keys' dphi(k) = V dS^T + dz and dV = phi(K) dS.
+// RALA (rala_scale > 0, normalized): the keys are k'_j = a_j phi(k_j) with a_j = softmax_j(l_j), l_j =
+// qbar . phi(k_j), qbar = rala_scale mean_i phi(q_i) (a first pass over the queries; S and z built with
+// the online softmax, then divided by its sum). The keys' pass turns dk'_j into da_j = dk'_j . phi(k_j),
+// dl_j = a_j (da_j - c) with c = sum_j a_j da_j = <dS, S> + <dz, z>, dphi(k_j) = a_j dk'_j + dl_j qbar, and
+// sums dqbar = sum_j dl_j phi(k_j); the queries' dphi(q) are kept until then, and a last pass adds
+// dqbar rala_scale / Lq to each before the feature map's backward.
 template <typename T>
 void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv, int64_t BH,
                         int64_t Lq, int64_t Lk, int64_t Din, int64_t F, int64_t Dv, int64_t C, int feature,
-                        int64_t taylor_dim, T q_scale, bool normalize, T eps) {
+                        int64_t taylor_dim, T q_scale, bool normalize, T eps, T rala_scale) {
+  const bool rala = rala_scale > 0;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
     std::vector<T> S(F * Dv), St(Dv * F), z(F), dS(F * Dv), dSt(Dv * F), dz(F), mapped(C * F), mt(F * C),
-        num(C * Dv), dn(C * Dv), dd(C), dphi(C * F);
+        num(C * Dv), dn(C * Dv), dd(C), dphi(C * F), qbar(F), dqbar(F), a(C), phik(rala ? C * F : 0),
+        dphiq(rala ? Lq * F : 0);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const T* qh = q + bh * Lq * Din;
       const T* kh = k + bh * Lk * Din;
@@ -382,13 +389,52 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
       std::fill(z.begin(), z.end(), T(0));
       std::fill(dS.begin(), dS.end(), T(0));
       std::fill(dz.begin(), dz.end(), T(0));
+      T M = 0, Z = 0;  // RALA: the logits' maximum and the sum of exp(l - M)
+      if (rala) {
+        std::fill(qbar.begin(), qbar.end(), T(0));
+        std::fill(dqbar.begin(), dqbar.end(), T(0));
+        for (int64_t c0 = 0; c0 < Lq; c0 += C) {
+          const int64_t n = std::min(C, Lq - c0);
+          attnlab::feature_map(qh + c0 * Din, n, Din, F, feature, taylor_dim, rala_scale / T(Lq), mapped.data());
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t f = 0; f < F; ++f) qbar[f] += mapped[t * F + f];
+        }
+      }
+      // RALA's logits of a chunk of mapped keys into a (n)
+      auto logits = [&](const T* mk, int64_t n) {
+        for (int64_t t = 0; t < n; ++t) {
+          T l = 0;
+          for (int64_t f = 0; f < F; ++f) l += qbar[f] * mk[t * F + f];
+          a[t] = l;
+        }
+      };
       for (int64_t c0 = 0; c0 < Lk; c0 += C) {  // the keys' state
         const int64_t n = std::min(C, Lk - c0);
         attnlab::feature_map(kh + c0 * Din, n, Din, F, feature, taylor_dim, T(1), mapped.data());
+        if (rala) {  // weighted by exp(l - M), M the running maximum (S and z rescaled when it grows)
+          logits(mapped.data(), n);
+          const T mx = *std::max_element(a.begin(), a.begin() + n);
+          const T M1 = Z > T(0) ? std::max(M, mx) : mx, across = Z > T(0) ? std::exp(M - M1) : T(0);
+          if (across != T(1)) {
+            for (auto& x : S) x *= across;
+            for (auto& x : z) x *= across;
+            Z *= across;
+          }
+          M = M1;
+          for (int64_t t = 0; t < n; ++t) {
+            const T w = std::exp(a[t] - M);
+            Z += w;
+            for (int64_t f = 0; f < F; ++f) mapped[t * F + f] *= w;
+          }
+        }
         attnlab::transpose(mapped.data(), n, F, mt.data(), n);
         attnlab::gemm(F, Dv, n, mt.data(), n, vh + c0 * Dv, Dv, true, S.data(), Dv);
         for (int64_t f = 0; f < F; ++f)
           for (int64_t t = 0; t < n; ++t) z[f] += mt[f * n + t];
+      }
+      if (rala) {  // the softmax's division: S and z of the keys a_j phi(k_j)
+        for (auto& x : S) x /= Z;
+        for (auto& x : z) x /= Z;
       }
       attnlab::transpose(S.data(), F, Dv, St.data(), F);
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {  // the queries
@@ -414,8 +460,11 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
         if (normalize)
           for (int64_t t = 0; t < n; ++t)
             for (int64_t f = 0; f < F; ++f) dphi[t * F + f] += dd[t] * z[f];
-        attnlab::feature_grad(qh + c0 * Din, dphi.data(), n, Din, F, feature, taylor_dim, q_scale,
-                              dq + (bh * Lq + c0) * Din);
+        if (rala)  // kept until dqbar is known
+          std::copy(dphi.data(), dphi.data() + n * F, dphiq.data() + c0 * F);
+        else
+          attnlab::feature_grad(qh + c0 * Din, dphi.data(), n, Din, F, feature, taylor_dim, q_scale,
+                                dq + (bh * Lq + c0) * Din);
         attnlab::transpose(mapped.data(), n, F, mt.data(), n);
         attnlab::gemm(F, Dv, n, mt.data(), n, dnum, Dv, true, dS.data(), Dv);
         if (normalize)
@@ -423,17 +472,51 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
             for (int64_t t = 0; t < n; ++t) dz[f] += mt[f * n + t] * dd[t];
       }
       attnlab::transpose(dS.data(), F, Dv, dSt.data(), F);
+      T c = 0;  // RALA: sum_j a_j da_j
+      if (rala) {
+        for (int64_t x = 0; x < F * Dv; ++x) c += dS[x] * S[x];
+        for (int64_t f = 0; f < F; ++f) c += dz[f] * z[f];
+      }
       for (int64_t c0 = 0; c0 < Lk; c0 += C) {  // the keys' gradients
         const int64_t n = std::min(C, Lk - c0);
         attnlab::feature_map(kh + c0 * Din, n, Din, F, feature, taylor_dim, T(1), mapped.data());
+        if (rala) {  // the weighted keys k'_j = a_j phi(k_j), phi(k) kept
+          std::copy(mapped.data(), mapped.data() + n * F, phik.data());
+          logits(mapped.data(), n);
+          for (int64_t t = 0; t < n; ++t) {
+            a[t] = std::exp(a[t] - M) / Z;
+            for (int64_t f = 0; f < F; ++f) mapped[t * F + f] *= a[t];
+          }
+        }
         attnlab::gemm(n, Dv, F, mapped.data(), F, dS.data(), Dv, false, dv + (bh * Lk + c0) * Dv, Dv);
         attnlab::gemm(n, F, Dv, vh + c0 * Dv, Dv, dSt.data(), F, false, dphi.data(), F);
         if (normalize)
           for (int64_t t = 0; t < n; ++t)
             for (int64_t f = 0; f < F; ++f) dphi[t * F + f] += dz[f];
+        if (rala)
+          for (int64_t t = 0; t < n; ++t) {
+            const T* pk = phik.data() + t * F;
+            T* dp = dphi.data() + t * F;
+            T da = 0;
+            for (int64_t f = 0; f < F; ++f) da += dp[f] * pk[f];
+            const T dl = a[t] * (da - c);
+            for (int64_t f = 0; f < F; ++f) {
+              dp[f] = a[t] * dp[f] + dl * qbar[f];
+              dqbar[f] += dl * pk[f];
+            }
+          }
         attnlab::feature_grad(kh + c0 * Din, dphi.data(), n, Din, F, feature, taylor_dim, T(1),
                               dk + (bh * Lk + c0) * Din);
       }
+      if (rala)  // the queries again: their direct gradient plus qbar's (qbar = rala_scale mean phi(q))
+        for (int64_t c0 = 0; c0 < Lq; c0 += C) {
+          const int64_t n = std::min(C, Lq - c0);
+          const T share = rala_scale / (T(Lq) * q_scale);  // feature_grad multiplies by q_scale
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t f = 0; f < F; ++f) dphi[t * F + f] = dphiq[(c0 + t) * F + f] + share * dqbar[f];
+          attnlab::feature_grad(qh + c0 * Din, dphi.data(), n, Din, F, feature, taylor_dim, q_scale,
+                                dq + (bh * Lq + c0) * Din);
+        }
     }
     attnlab::gemm_done();
   });
@@ -532,17 +615,18 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
   return grads;
 }
 
-// The gradients (dq, dk, dv) of linear_noncausal without RALA's weights (q (B, H, Lq, Din), k
-// (B, H, Lk, Din), v (B, H, Lk, Dv)) for dout (B, H, Lq, Dv).
+// The gradients (dq, dk, dv) of linear_noncausal (q (B, H, Lq, Din), k (B, H, Lk, Din), v (B, H, Lk, Dv);
+// RALA's weights with rala_scale > 0) for dout (B, H, Lq, Dv).
 std::vector<torch::Tensor> linear_noncausal_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                      torch::Tensor dout, int64_t chunk,
                                                      c10::optional<double> normalize_eps, int64_t feature,
-                                                     int64_t taylor_dim, double q_scale) {
+                                                     int64_t taylor_dim, double q_scale, double rala_scale) {
   const auto n = attnlab::noncausal_sizes(q, k, v);
   const int64_t B = n[0], H = n[1], Lq = n[2], Din = n[3], Lk = n[4], Dv = n[5];
   const auto dt = q.scalar_type();
   TORCH_CHECK(dout.scalar_type() == dt, "dout's dtype differs from q's");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
+  TORCH_CHECK(rala_scale <= 0 || normalize_eps.has_value(), "RALA's weights need the normalizer");
   TORCH_CHECK(dout.dim() == 4 && dout.size(0) == B && dout.size(1) == H && dout.size(2) == Lq && dout.size(3) == Dv,
               "dout must be (B, H, Lq, Dv)");
   const int64_t F = attnlab::feature_count(feature, taylor_dim, Din);
@@ -557,7 +641,7 @@ std::vector<torch::Tensor> linear_noncausal_backward(torch::Tensor q, torch::Ten
                           dk.data_ptr<T>(), dv.data_ptr<T>(), B * H, Lq, Lk, Din, F, Dv, chunk,
                           static_cast<int>(feature),
                           taylor_dim, static_cast<T>(q_scale), normalize_eps.has_value(),
-                          static_cast<T>(normalize_eps.value_or(0.0)));
+                          static_cast<T>(normalize_eps.value_or(0.0)), static_cast<T>(rala_scale));
   });
   return {dq, dk, dv};
 }
