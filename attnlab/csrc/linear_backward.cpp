@@ -1,11 +1,12 @@
 // Backward of the causal chunked linear form (linear_chunks, read forwards or backwards; and of
-// linear_noncausal, RALA's weights included, at the end). Per (batch, head), one sweep recomputes the state before every chunk (one GEMM per chunk, the states kept:
-// L/C x F x Ds floats), then the chunks are walked backwards with the state's gradient dS' (of the
-// state after the chunk) in cache. The feature map is applied to each chunk as it is read, and its
-// backward to dQ and dK at the end (attnlab/csrc/linear.h). With the normalizer (or InLine's centred
-// finish) the chunk's denominators are recomputed from A and the state's z column, dO becomes the
-// gradients of num (dn) and of den (dd, one per row: the rank-one terms below), and z's gradient
-// rides in dS' as the forward's z rides in S.
+// linear_noncausal, RALA's weights included, at the end). Per (batch, head), one sweep recomputes
+// the state before every chunk (one GEMM per chunk, the states kept: L/C x F x Ds floats), then the
+// chunks are walked backwards with the state's gradient dS' (of the state after the chunk) in cache.
+// The feature map is applied to each chunk as it is read, and its backward to dQ and dK at the end
+// (attnlab/csrc/linear.h). With the normalizer (or InLine's centred finish) the chunk's denominators
+// are recomputed from A and the state's z column, dO becomes the gradients of num (dn) and of den
+// (dd, one per row: the rank-one terms below), and z's gradient rides in dS' as the forward's z
+// rides in S.
 //
 // Per chunk, with the forward's tables (attnlab/csrc/linear_chunks.cpp): Q' = Q * QF and
 // K' = K * KF (the queries as they read the state, the keys as they enter it), `across` (per row

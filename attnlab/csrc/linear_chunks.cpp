@@ -233,7 +233,8 @@ void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t L
         std::fill(qbar.begin(), qbar.end(), T(0));
         for (int64_t c0 = 0; c0 < Lq; c0 += C) {
           const int64_t n = std::min(C, Lq - c0);
-          attnlab::feature_map(q + (bh * Lq + c0) * Din, n, Din, F, feature, taylor_dim, rala_scale / T(Lq), mapped.data());
+          attnlab::feature_map(q + (bh * Lq + c0) * Din, n, Din, F, feature, taylor_dim, rala_scale / T(Lq),
+                               mapped.data());
           for (int64_t t = 0; t < n; ++t)
             for (int64_t f = 0; f < F; ++f) qbar[f] += mapped[t * F + f];
         }
