@@ -2,9 +2,9 @@
 
 Kernels, each the fused form of mathematics that also exists in PyTorch here (and is tested against
 it); forward-only but for ``range_attention``, ``linear_chunks``, ``linear_noncausal``, ``aaren_scan``,
-``rat_chunks`` and ``rat_finals``, which have backward kernels (:class:`RangeAttention`,
-:class:`attnlab.linear.Chunks`, :class:`attnlab.linear.NonCausal`, :class:`AarenScan`, :class:`RatChunks`
-and :class:`RatFinals`):
+``rat_chunks``, ``rat_finals`` and ``agent_noncausal``, which have backward kernels (:class:`RangeAttention`,
+:class:`attnlab.linear.Chunks`, :class:`attnlab.linear.NonCausal`, :class:`AarenScan`, :class:`RatChunks`,
+:class:`RatFinals` and :class:`AgentNonCausal`):
 
 ``range_attention``  exact softmax attention where every query sees one or a few ranges of keys
                      (sliding windows, 1-D neighborhoods, causal, prefix-LM, documents, sinks
@@ -385,8 +385,26 @@ class RatChunks(torch.autograd.Function):
 
 def agent_noncausal(q, k, v, agents, scale: float, chunk: int) -> torch.Tensor:
     """Non-causal agent attention (cross lengths too): the agents' softmax over all keys (online, chunk
-    by chunk), then each query's softmax over the agents; ``agents`` ``(B, H, n, D)``."""
+    by chunk), then each query's softmax over the agents; ``agents`` ``(B, H, n, D)``. Differentiable
+    (:class:`AgentNonCausal`) when autograd records."""
+    if recording(q, k, v, agents):
+        return AgentNonCausal.apply(q, k, v, agents, float(scale), int(chunk))
     return module().agent_noncausal(q, k, v, agents, float(scale), int(chunk))
+
+
+class AgentNonCausal(torch.autograd.Function):
+    """:func:`agent_noncausal` with its backward kernel (``csrc/agent.cpp``: the agents' values rebuilt, the
+    queries' softmax's gradient, then the keys'): ``apply(q, k, v, agents, scale, chunk) -> out``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, agents, scale, chunk):
+        ctx.save_for_backward(q, k, v, agents)
+        ctx.scale, ctx.chunk = scale, chunk
+        return module().agent_noncausal(q, k, v, agents, scale, chunk)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (*module().agent_noncausal_backward(*ctx.saved_tensors, dout, ctx.scale, ctx.chunk), None, None)
 
 
 def aaren_scan(query, k, v, m, u, w, scale: float, causal: bool):

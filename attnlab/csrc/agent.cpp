@@ -108,6 +108,41 @@ bool walk(const T* q, const T* k, const T* v, const T* agents, T* r, T* Z, T* U,
   return ok;
 }
 
+// The key logits s (m x n) of a chunk and its values vc (m x Dv) into the agents' softmax state: the
+// maxima r moved up (Z and U rescaled; `started` false: the first chunk sets them), Z += sum exp(s - r),
+// U += exp(s - r)^T vc. wt: n x m scratch.
+template <typename T>
+void absorb(const T* s, int64_t m, int64_t n, bool started, const T* vc, int64_t Dv, T* r, T* Z, T* U, T* wt) {
+  for (int64_t i = 0; i < n; ++i) {
+    T mx = s[i];
+    for (int64_t t = 1; t < m; ++t) mx = std::max(mx, s[t * n + i]);
+    const T r1 = started ? std::max(r[i], mx) : mx, across = started ? std::exp(r[i] - r1) : T(0);
+    r[i] = r1;
+    Z[i] *= across;
+    for (int64_t d = 0; d < Dv; ++d) U[i * Dv + d] *= across;
+    for (int64_t t = 0; t < m; ++t) wt[i * m + t] = s[t * n + i] - r1;
+  }
+  for (int64_t x = 0; x < n * m; ++x) wt[x] = std::exp(wt[x]);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t t = 0; t < m; ++t) Z[i] += wt[i * m + t];
+  attnlab::gemm(n, Dv, m, wt, m, vc, Dv, true, U, Dv);
+}
+
+// The agents' values V_A (n x Dv, into U) of one (batch, head): every key chunk absorbed, then U / Z.
+template <typename T>
+void agent_values(const T* k, const T* v, const T* At, int64_t Lk, int64_t D, int64_t Dv, int64_t n, int64_t C,
+                  T* s, T* wt, T* r, T* Z, T* U) {
+  std::fill(Z, Z + n, T(0));
+  std::fill(U, U + n * Dv, T(0));
+  for (int64_t c0 = 0; c0 < Lk; c0 += C) {
+    const int64_t m = std::min(C, Lk - c0);
+    attnlab::gemm(m, n, D, k + c0 * D, D, At, n, false, s, n);
+    absorb(s, m, n, c0 > 0, v + c0 * Dv, Dv, r, Z, U, wt);
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < Dv; ++d) U[i * Dv + d] /= Z[i];
+}
+
 // Non-causal: every key into the agents' softmax state (the same online rescaling, chunk by chunk), then
 // V_A = U / Z and each query chunk's softmax over the agents times V_A.
 template <typename T>
@@ -117,27 +152,8 @@ void noncausal(const T* q, const T* k, const T* v, const T* agents, T* out, int6
     std::vector<T> At(D * n), s(C * n), wt(n * C), r(n), Z(n), U(n * Dv);
     for (int64_t bh = begin; bh < stop; ++bh) {
       scaled_agents(agents + bh * n * D, n, D, scale, At.data());
-      std::fill(Z.begin(), Z.end(), T(0));
-      std::fill(U.begin(), U.end(), T(0));
-      for (int64_t c0 = 0; c0 < Lk; c0 += C) {
-        const int64_t m = std::min(C, Lk - c0);
-        attnlab::gemm(m, n, D, k + (bh * Lk + c0) * D, D, At.data(), n, false, s.data(), n);
-        for (int64_t i = 0; i < n; ++i) {
-          T mx = s[i];
-          for (int64_t t = 1; t < m; ++t) mx = std::max(mx, s[t * n + i]);
-          const T r1 = c0 ? std::max(r[i], mx) : mx, across = c0 ? std::exp(r[i] - r1) : T(0);
-          r[i] = r1;
-          Z[i] *= across;
-          for (int64_t d = 0; d < Dv; ++d) U[i * Dv + d] *= across;
-          for (int64_t t = 0; t < m; ++t) wt[i * m + t] = s[t * n + i] - r1;
-        }
-        for (int64_t x = 0; x < n * m; ++x) wt[x] = std::exp(wt[x]);
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t t = 0; t < m; ++t) Z[i] += wt[i * m + t];
-        attnlab::gemm(n, Dv, m, wt.data(), m, v + (bh * Lk + c0) * Dv, Dv, true, U.data(), Dv);
-      }
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t d = 0; d < Dv; ++d) U[i * Dv + d] /= Z[i];  // V_A
+      agent_values(k + bh * Lk * D, v + bh * Lk * Dv, At.data(), Lk, D, Dv, n, C, s.data(), wt.data(), r.data(),
+                   Z.data(), U.data());
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {
         const int64_t m = std::min(C, Lq - c0);
         attnlab::gemm(m, n, D, q + (bh * Lq + c0) * D, D, At.data(), n, false, s.data(), n);
@@ -149,22 +165,96 @@ void noncausal(const T* q, const T* k, const T* v, const T* agents, T* out, int6
   });
 }
 
+// The gradients of agent_noncausal. Per (batch, head), with At = scale A^T: the keys' pass rebuilds the
+// agents' softmax (max r, sum Z, V_A = U / Z); the queries' pass (P = softmax_a(Q At)) gives
+// dV_A = sum P^T dO, dS_q = P * (dO V_A^T - rowsum(P * dO V_A^T)), dQ = dS_q (scale A) and dA = scale dS_q^T Q;
+// then with c_a = dV_A,a . V_A,a the keys' pass gives alpha = exp(K At - r) / Z, dV = alpha dV_A,
+// dS_k = alpha * (V dV_A^T - c), dK = dS_k (scale A) and dA += scale dS_k^T K.
+template <typename T>
+void noncausal_back(const T* q, const T* k, const T* v, const T* agents, const T* dout, T* dq, T* dk, T* dv, T* da,
+                    int64_t BH, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t n, int64_t C, T scale) {
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<T> At(D * n), As(n * D), s(C * n), g(C * n), st(n * C), r(n), Z(n), U(n * Dv), Ut(Dv * n),
+        dU(n * Dv), dUt(Dv * n), c(n);
+    for (int64_t bh = begin; bh < stop; ++bh) {
+      const T* a = agents + bh * n * D;
+      scaled_agents(a, n, D, scale, At.data());
+      for (int64_t x = 0; x < n * D; ++x) As[x] = scale * a[x];
+      T* dah = da + bh * n * D;
+      std::fill(dah, dah + n * D, T(0));
+      std::fill(dU.begin(), dU.end(), T(0));
+      agent_values(k + bh * Lk * D, v + bh * Lk * Dv, At.data(), Lk, D, Dv, n, C, s.data(), st.data(), r.data(),
+                   Z.data(), U.data());  // V_A, as the forward
+      attnlab::transpose(U.data(), n, Dv, Ut.data(), n);
+      for (int64_t c0 = 0; c0 < Lq; c0 += C) {  // the queries
+        const int64_t m = std::min(C, Lq - c0);
+        const T* qc = q + (bh * Lq + c0) * D;
+        const T* gc = dout + (bh * Lq + c0) * Dv;
+        attnlab::gemm(m, n, D, qc, D, At.data(), n, false, s.data(), n);
+        softmax_rows(s.data(), m, n, static_cast<const T*>(nullptr));  // P
+        attnlab::gemm(m, n, Dv, gc, Dv, Ut.data(), n, false, g.data(), n);  // dP = dO V_A^T
+        for (int64_t t = 0; t < m; ++t) {
+          T dot = 0;
+          for (int64_t i = 0; i < n; ++i) dot += s[t * n + i] * g[t * n + i];
+          for (int64_t i = 0; i < n; ++i) g[t * n + i] = s[t * n + i] * (g[t * n + i] - dot);  // dS_q
+        }
+        attnlab::transpose(s.data(), m, n, st.data(), m);
+        attnlab::gemm(n, Dv, m, st.data(), m, gc, Dv, true, dU.data(), Dv);  // dV_A += P^T dO
+        attnlab::gemm(m, D, n, g.data(), n, As.data(), D, false, dq + (bh * Lq + c0) * D, D);
+        attnlab::transpose(g.data(), m, n, st.data(), m);
+        attnlab::gemm(n, D, m, st.data(), m, qc, D, true, dah, D);  // (dS_q^T Q, scaled at the end)
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        T dot = 0;
+        for (int64_t d = 0; d < Dv; ++d) dot += dU[i * Dv + d] * U[i * Dv + d];
+        c[i] = dot;
+      }
+      attnlab::transpose(dU.data(), n, Dv, dUt.data(), n);
+      for (int64_t c0 = 0; c0 < Lk; c0 += C) {  // the keys
+        const int64_t m = std::min(C, Lk - c0);
+        const T* kc = k + (bh * Lk + c0) * D;
+        const T* vc = v + (bh * Lk + c0) * Dv;
+        attnlab::gemm(m, n, D, kc, D, At.data(), n, false, s.data(), n);
+        for (int64_t t = 0; t < m; ++t)
+          for (int64_t i = 0; i < n; ++i) s[t * n + i] = std::exp(s[t * n + i] - r[i]) / Z[i];  // alpha
+        attnlab::gemm(m, Dv, n, s.data(), n, dU.data(), Dv, false, dv + (bh * Lk + c0) * Dv, Dv);
+        attnlab::gemm(m, n, Dv, vc, Dv, dUt.data(), n, false, g.data(), n);  // d alpha = V dV_A^T
+        for (int64_t t = 0; t < m; ++t)
+          for (int64_t i = 0; i < n; ++i) g[t * n + i] = s[t * n + i] * (g[t * n + i] - c[i]);  // dS_k
+        attnlab::gemm(m, D, n, g.data(), n, As.data(), D, false, dk + (bh * Lk + c0) * D, D);
+        attnlab::transpose(g.data(), m, n, st.data(), m);
+        attnlab::gemm(n, D, m, st.data(), m, kc, D, true, dah, D);
+      }
+      for (int64_t x = 0; x < n * D; ++x) dah[x] *= scale;
+    }
+    attnlab::gemm_done();
+  });
+}
+
+// The shapes of a non-causal call, checked: (B, H, Lq, D, Lk, Dv, n).
+std::vector<int64_t> agent_sizes(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                 const torch::Tensor& agents, int64_t chunk) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && agents.dim() == 4,
+              "q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv), agents (B, H, n, D)");
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Dv = v.size(3),
+                n = agents.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(0) == B && v.size(1) == H &&
+                  v.size(2) == Lk && agents.size(0) == B && agents.size(1) == H && agents.size(3) == D && n > 0 &&
+                  Lk > 0, "k, v or agents do not match q");
+  for (const auto* x : {&k, &v, &agents}) TORCH_CHECK(x->scalar_type() == q.scalar_type(), "dtypes differ");
+  return {B, H, Lq, D, Lk, Dv, n};
+}
+
 }  // namespace
 
 // Non-causal agent attention (cross lengths too): q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv),
 // agents (B, H, n, D). Returns (B, H, Lq, Dv).
 torch::Tensor agent_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor agents, double scale,
                               int64_t chunk) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && agents.dim() == 4,
-              "q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv), agents (B, H, n, D)");
-  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  const auto z = agent_sizes(q, k, v, agents, chunk);
+  const int64_t B = z[0], H = z[1], Lq = z[2], D = z[3], Lk = z[4], Dv = z[5], n = z[6];
   const auto dt = q.scalar_type();
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Dv = v.size(3),
-                n = agents.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(0) == B && v.size(1) == H &&
-                  v.size(2) == Lk && agents.size(0) == B && agents.size(1) == H && agents.size(3) == D && n > 0 &&
-                  Lk > 0, "k, v or agents do not match q");
-  for (const auto* x : {&k, &v, &agents}) TORCH_CHECK(x->scalar_type() == dt, "dtypes differ");
   q = q.contiguous();
   k = k.contiguous();
   v = v.contiguous();
@@ -209,4 +299,25 @@ std::tuple<torch::Tensor, bool> agent_chunks(torch::Tensor q, torch::Tensor k, t
                  static_cast<T>(scale));
   });
   return {out, ok};
+}
+
+// The gradients (dq, dk, dv, dagents) of agent_noncausal for dout (B, H, Lq, Dv); arguments as its.
+std::vector<torch::Tensor> agent_noncausal_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                    torch::Tensor agents, torch::Tensor dout, double scale,
+                                                    int64_t chunk) {
+  const auto z = agent_sizes(q, k, v, agents, chunk);
+  const int64_t B = z[0], H = z[1], Lq = z[2], D = z[3], Lk = z[4], Dv = z[5], n = z[6];
+  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == B && dout.size(1) == H && dout.size(2) == Lq && dout.size(3) == Dv &&
+                  dout.scalar_type() == q.scalar_type(), "dout must be (B, H, Lq, Dv) of q's dtype");
+  std::vector<torch::Tensor> in{q, k, v, agents, dout};
+  for (auto& x : in) x = x.contiguous();
+  auto dq = torch::empty_like(in[0]), dk = torch::empty_like(in[1]), dv = torch::empty_like(in[2]),
+       da = torch::empty_like(in[3]);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "agent_noncausal_backward", [&] {
+    using T = scalar_t;
+    noncausal_back<T>(in[0].data_ptr<T>(), in[1].data_ptr<T>(), in[2].data_ptr<T>(), in[3].data_ptr<T>(),
+                      in[4].data_ptr<T>(), dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), da.data_ptr<T>(),
+                      B * H, Lq, Lk, D, Dv, n, chunk, static_cast<T>(scale));
+  });
+  return {dq, dk, dv, da};
 }

@@ -13,6 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("memory_chunks", &memory_chunks, "Titans' neural memory, chunked form (CPU forward)");
   m.def("agent_chunks", &agent_chunks, "agent attention's causal chunked form (CPU forward)");
   m.def("agent_noncausal", &agent_noncausal, "non-causal agent attention (CPU forward)");
+  m.def("agent_noncausal_backward", &agent_noncausal_backward, "the gradients of agent_noncausal (CPU)");
   m.def("aaren_scan", &aaren_scan, "Aaren's prefix outputs of one query, as an RNN (CPU forward)");
   m.def("aaren_scan_backward", &aaren_scan_backward, "the gradients of aaren_scan, one reverse pass (CPU)");
   m.def("rat_finals", &rat_finals, "RAT's chunk final summaries (CPU forward)");

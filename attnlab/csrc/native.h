@@ -1,5 +1,5 @@
 // attnlab's CPU kernels (forward; range_attention, linear_chunks, linear_noncausal, aaren_scan,
-// rat_chunks and rat_finals also backward):
+// rat_chunks, rat_finals and agent_noncausal also backward):
 // declarations shared by the kernels and the bindings.
 #pragma once
 #include <ATen/native/CPUBlas.h>
@@ -81,6 +81,10 @@ torch::Tensor map_features(torch::Tensor x, int64_t feature, int64_t taylor_dim)
 
 torch::Tensor agent_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor agents, double scale,
                               int64_t chunk);
+
+std::vector<torch::Tensor> agent_noncausal_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                    torch::Tensor agents, torch::Tensor dout, double scale,
+                                                    int64_t chunk);
 
 std::vector<torch::Tensor> rat_finals(torch::Tensor k, torch::Tensor v, torch::Tensor gk, torch::Tensor gv,
                                       int64_t chunk);

@@ -10,7 +10,7 @@ import torch
 import attnlab
 from attnlab import conformance as C
 from attnlab import native
-from kernel_paths import same_noncausal, same_segments
+from kernel_paths import graph_nodes, same_noncausal, same_segments
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -147,12 +147,36 @@ def test_causal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, to
 @pytest.mark.parametrize("Lq,given", [(150, False), (70, True)])
 def test_noncausal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, Lq, given):
     """Non-causal (cross lengths too, pooled or given agents, logits spread wide): the C++ kernel equals the
-    PyTorch path (q requiring grad) and the definition; a NaN key makes every row NaN on both paths."""
+    PyTorch path (the kernels turned off) and the definition, and so do its backward kernel's gradients (q, k,
+    v and given agents, broadcast over the batch); a NaN key makes every row NaN on both paths."""
     m = attnlab.mechanism("agent")
     q, k, v = (t.to(dtype) for t in qkv(B=2, H=3, L=150, D=8, Dv=6, Lq=Lq, seed=9))
     k = 4 * k
     params = {"chunk_size": 16, **({"agents": rnd(1, 3, 5, 8, seed=2).to(dtype)} if given else {})}
     same_noncausal(m, q, k, v, tol, (1, 0, 40, 2), **params)
+    G = rnd(2, 3, Lq, 6, seed=3).to(dtype)
+
+    def grads():
+        leaves = [t.clone().requires_grad_(True) for t in [q, k, v] + ([params["agents"]] if given else [])]
+        extra = {"agents": leaves[3]} if given else {}
+        out = m(*leaves[:3], causal=False, chunk_size=16, **extra)
+        return [out.detach(), *torch.autograd.grad((out * G).sum(), leaves)], graph_nodes(out.grad_fn)
+
+    fast, nodes = grads()
+    assert "AgentNonCausalBackward" in nodes
+    with native.disabled():
+        slow, nodes = grads()
+    assert "AgentNonCausalBackward" not in nodes
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=10 * tol * max(1.0, float(b.abs().max())), rtol=10 * tol)
+    # the entry reads NONCAUSAL_ROWS at a time: the kernels' blocks (the online softmax moving its maxima
+    # between them, forward and backward) give the same output and gradients
+    A = (params["agents"] if given else torch.randn(1, 3, 5, 8, dtype=dtype)).expand(2, 3, 5, 8)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, A)]
+    blocks = [native.agent_noncausal(*leaves, 0.3, rows) for rows in (16, 512)]
+    torch.testing.assert_close(blocks[0], blocks[1], atol=tol, rtol=tol)
+    for a, b in zip(*(torch.autograd.grad((o * G).sum(), leaves) for o in blocks)):
+        torch.testing.assert_close(a, b, atol=10 * tol * max(1.0, float(b.abs().max())), rtol=10 * tol)
 
 
 def test_noncausal_chunked_form_without_the_kernel():
