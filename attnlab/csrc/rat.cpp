@@ -50,6 +50,14 @@ void walk(const T* q, const T* k, const T* v, const T* gk, int64_t gk_cols, cons
       const T* rv = carry_v + bh * Dv;
       for (int64_t t0 = 0; t0 < L; t0 += BLOCK) {
         const int64_t rows = std::min(BLOCK, L - t0);
+        if (t0 + BLOCK < L) {  // the next block's rows on their way while this one works
+          const int64_t ahead = std::min(BLOCK, L - t0 - BLOCK), row = bh * L + t0 + BLOCK;
+          for (int64_t x = 0; x < ahead * D; x += 16) {
+            __builtin_prefetch(q + row * D + x);
+            __builtin_prefetch(k + row * D + x);
+          }
+          for (int64_t x = 0; x < ahead * Dv; x += 16) __builtin_prefetch(v + row * Dv + x);
+        }
         for (int64_t r = 0; r < rows; ++r) {  // scan
           const int64_t t = t0 + r, p = pos0 + t;
           const bool first = p % C == 0;
