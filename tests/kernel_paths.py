@@ -56,3 +56,16 @@ def graph_nodes(fn, seen=None):
         return []
     seen.add(fn)
     return [type(fn).__name__] + [n for nxt, _ in fn.next_functions for n in graph_nodes(nxt, seen)]
+
+
+def kernel_and_pytorch_gradients(run, node: str, tol: float, times=None):
+    """``run() -> (tensors, graph_nodes(...))`` on the kernels and with them turned off: the kernel's backward
+    ``node`` ran in the first (``times`` times, when given) and not in the second, and every tensor agrees
+    within ``tol`` relative to its largest entry."""
+    fast, nodes = run()
+    assert nodes.count(node) == times if times is not None else node in nodes
+    with native.disabled():
+        slow, nodes = run()
+    assert node not in nodes
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=tol * max(1.0, float(b.abs().max())), rtol=tol)

@@ -165,6 +165,15 @@ void noncausal(const T* q, const T* k, const T* v, const T* agents, T* out, int6
   });
 }
 
+// The logits' backward for rows x (m x D) against the agents: with dS (m x n) the logits' gradient,
+// dx = dS (scale A) (As = scale A, n x D) and da += dS^T x (the caller scales da once at the end).
+template <typename T>
+void logits_back(const T* dS, int64_t m, int64_t n, int64_t D, const T* As, const T* x, T* dx, T* da, T* scratch) {
+  attnlab::gemm(m, D, n, dS, n, As, D, false, dx, D);
+  attnlab::transpose(dS, m, n, scratch, m);
+  attnlab::gemm(n, D, m, scratch, m, x, D, true, da, D);
+}
+
 // The gradients of agent_noncausal. Per (batch, head), with At = scale A^T: the keys' pass rebuilds the
 // agents' softmax (max r, sum Z, V_A = U / Z); the queries' pass (P = softmax_a(Q At)) gives
 // dV_A = sum P^T dO, dS_q = P * (dO V_A^T - rowsum(P * dO V_A^T)), dQ = dS_q (scale A) and dA = scale dS_q^T Q;
@@ -200,9 +209,7 @@ void noncausal_back(const T* q, const T* k, const T* v, const T* agents, const T
         }
         attnlab::transpose(s.data(), m, n, st.data(), m);
         attnlab::gemm(n, Dv, m, st.data(), m, gc, Dv, true, dU.data(), Dv);  // dV_A += P^T dO
-        attnlab::gemm(m, D, n, g.data(), n, As.data(), D, false, dq + (bh * Lq + c0) * D, D);
-        attnlab::transpose(g.data(), m, n, st.data(), m);
-        attnlab::gemm(n, D, m, st.data(), m, qc, D, true, dah, D);  // (dS_q^T Q, scaled at the end)
+        logits_back(g.data(), m, n, D, As.data(), qc, dq + (bh * Lq + c0) * D, dah, st.data());
       }
       for (int64_t i = 0; i < n; ++i) {
         T dot = 0;
@@ -221,9 +228,7 @@ void noncausal_back(const T* q, const T* k, const T* v, const T* agents, const T
         attnlab::gemm(m, n, Dv, vc, Dv, dUt.data(), n, false, g.data(), n);  // d alpha = V dV_A^T
         for (int64_t t = 0; t < m; ++t)
           for (int64_t i = 0; i < n; ++i) g[t * n + i] = s[t * n + i] * (g[t * n + i] - c[i]);  // dS_k
-        attnlab::gemm(m, D, n, g.data(), n, As.data(), D, false, dk + (bh * Lk + c0) * D, D);
-        attnlab::transpose(g.data(), m, n, st.data(), m);
-        attnlab::gemm(n, D, m, st.data(), m, kc, D, true, dah, D);
+        logits_back(g.data(), m, n, D, As.data(), kc, dk + (bh * Lk + c0) * D, dah, st.data());
       }
       for (int64_t x = 0; x < n * D; ++x) dah[x] *= scale;
     }

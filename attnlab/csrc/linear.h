@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <initializer_list>
+#include <limits>
 #include <tuple>
 #include <utility>
 
@@ -116,6 +118,40 @@ void add_key_sums(const T* kt, int64_t F, int64_t n, T* S, int64_t Ds, int64_t D
 
 // The per-head log decay (H) and the log gates expanded to (B, H, L, F|1), in dtype dt and contiguous,
 // as the linear kernels read them; undefined where not given (at most one of the two).
+// RALA's logits l_t = qbar . phi(k_t) of n mapped keys (n x F) into `logit`; returns their maximum.
+template <typename T>
+T rala_logits(const T* mapped, int64_t n, int64_t F, const T* qbar, T* logit) {
+  T mx = -std::numeric_limits<T>::max();
+  for (int64_t t = 0; t < n; ++t) {
+    T l = 0;
+    for (int64_t f = 0; f < F; ++f) l += qbar[f] * mapped[t * F + f];
+    logit[t] = l;
+    mx = std::max(mx, l);
+  }
+  return mx;
+}
+
+// RALA's online softmax over the keys, one chunk of n mapped keys (n x F) at a time: each row times
+// exp(l_t - M) with M the logits' running maximum (moved up here: the sum Z and the `rescaled` arrays,
+// the state built so far, times exp(M_old - M_new); Z = 0: nothing yet), Z += those weights.
+template <typename T>
+void rala_weigh(T* mapped, int64_t n, int64_t F, const T* qbar, T* logit, T& M, T& Z,
+                std::initializer_list<std::pair<T*, int64_t>> rescaled) {
+  const T mx = rala_logits(mapped, n, F, qbar, logit);
+  const T M1 = Z > T(0) ? std::max(M, mx) : mx, across = Z > T(0) ? std::exp(M - M1) : T(0);
+  if (across != T(1)) {
+    for (const auto& a : rescaled)
+      for (int64_t x = 0; x < a.second; ++x) a.first[x] *= across;
+    Z *= across;
+  }
+  M = M1;
+  for (int64_t t = 0; t < n; ++t) {
+    const T w = std::exp(logit[t] - M);
+    Z += w;
+    for (int64_t f = 0; f < F; ++f) mapped[t * F + f] *= w;
+  }
+}
+
 inline std::pair<torch::Tensor, torch::Tensor> decay_and_gates(const c10::optional<torch::Tensor>& log_decay,
                                                                const c10::optional<torch::Tensor>& log_gates,
                                                                at::ScalarType dt, int64_t B, int64_t H, int64_t L,

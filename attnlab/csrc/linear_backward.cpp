@@ -401,33 +401,11 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
             for (int64_t f = 0; f < F; ++f) qbar[f] += mapped[t * F + f];
         }
       }
-      // RALA's logits of a chunk of mapped keys into a (n)
-      auto logits = [&](const T* mk, int64_t n) {
-        for (int64_t t = 0; t < n; ++t) {
-          T l = 0;
-          for (int64_t f = 0; f < F; ++f) l += qbar[f] * mk[t * F + f];
-          a[t] = l;
-        }
-      };
       for (int64_t c0 = 0; c0 < Lk; c0 += C) {  // the keys' state
         const int64_t n = std::min(C, Lk - c0);
         attnlab::feature_map(kh + c0 * Din, n, Din, F, feature, taylor_dim, T(1), mapped.data());
-        if (rala) {  // weighted by exp(l - M), M the running maximum (S and z rescaled when it grows)
-          logits(mapped.data(), n);
-          const T mx = *std::max_element(a.begin(), a.begin() + n);
-          const T M1 = Z > T(0) ? std::max(M, mx) : mx, across = Z > T(0) ? std::exp(M - M1) : T(0);
-          if (across != T(1)) {
-            for (auto& x : S) x *= across;
-            for (auto& x : z) x *= across;
-            Z *= across;
-          }
-          M = M1;
-          for (int64_t t = 0; t < n; ++t) {
-            const T w = std::exp(a[t] - M);
-            Z += w;
-            for (int64_t f = 0; f < F; ++f) mapped[t * F + f] *= w;
-          }
-        }
+        if (rala)
+          attnlab::rala_weigh(mapped.data(), n, F, qbar.data(), a.data(), M, Z, {{S.data(), F * Dv}, {z.data(), F}});
         attnlab::transpose(mapped.data(), n, F, mt.data(), n);
         attnlab::gemm(F, Dv, n, mt.data(), n, vh + c0 * Dv, Dv, true, S.data(), Dv);
         for (int64_t f = 0; f < F; ++f)
@@ -483,7 +461,7 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
         attnlab::feature_map(kh + c0 * Din, n, Din, F, feature, taylor_dim, T(1), mapped.data());
         if (rala) {  // the weighted keys k'_j = a_j phi(k_j), phi(k) kept
           std::copy(mapped.data(), mapped.data() + n * F, phik.data());
-          logits(mapped.data(), n);
+          attnlab::rala_logits(mapped.data(), n, F, qbar.data(), a.data());
           for (int64_t t = 0; t < n; ++t) {
             a[t] = std::exp(a[t] - M) / Z;
             for (int64_t f = 0; f < F; ++f) mapped[t * F + f] *= a[t];

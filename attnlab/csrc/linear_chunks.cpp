@@ -242,26 +242,7 @@ void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t L
       for (int64_t c0 = 0; c0 < Lk; c0 += C) {
         const int64_t n = std::min(C, Lk - c0);
         attnlab::feature_map(k + (bh * Lk + c0) * Din, n, Din, F, feature, taylor_dim, T(1), mapped.data());
-        if (rala) {
-          T mx = -std::numeric_limits<T>::max();
-          for (int64_t t = 0; t < n; ++t) {
-            T l = 0;
-            for (int64_t f = 0; f < F; ++f) l += qbar[f] * mapped[t * F + f];
-            logit[t] = l;
-            mx = std::max(mx, l);
-          }
-          const T M1 = Z > T(0) ? std::max(M, mx) : mx, across = Z > T(0) ? std::exp(M - M1) : T(0);
-          if (across != T(1)) {
-            for (auto& x : S) x *= across;
-            Z *= across;
-          }
-          M = M1;
-          for (int64_t t = 0; t < n; ++t) {
-            const T w = std::exp(logit[t] - M);
-            Z += w;
-            for (int64_t f = 0; f < F; ++f) mapped[t * F + f] *= w;
-          }
-        }
+        if (rala) attnlab::rala_weigh(mapped.data(), n, F, qbar.data(), logit.data(), M, Z, {{S.data(), F * Ds}});
         attnlab::transpose(mapped.data(), n, F, kt.data(), n);
         attnlab::gemm(F, Dv, n, kt.data(), n, v + (bh * Lk + c0) * Dv, Dv, true, S.data(), Ds);
         if (normalize) attnlab::add_key_sums(kt.data(), F, n, S.data(), Ds, Dv);
