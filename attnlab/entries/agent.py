@@ -104,9 +104,15 @@ def _logits(call: Call, A: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return call.scale * A @ k.to(A.dtype).transpose(-1, -2)
 
 
+def _scaled(call: Call, A: torch.Tensor) -> torch.Tensor:
+    """``scale · Aᵀ`` (B, H, D, n): the scale on the n agents, not on every query or key row (a pass over
+    ``(B, H, L, D)`` forward and another backward)."""
+    return (call.scale * A).transpose(-1, -2)
+
+
 def _broadcast(call: Call, q: torch.Tensor, A: torch.Tensor, VA: torch.Tensor) -> torch.Tensor:
     """``softmax(scale q Aᵀ) V_A`` with V_A (B, H, n, Dv) shared, or (B, H, L_q, n, Dv) per query."""
-    p = torch.softmax(call.scale * q.to(A.dtype) @ A.transpose(-1, -2), dim=-1)  # (B, H, L_q, n)
+    p = torch.softmax(q.to(A.dtype) @ _scaled(call, A), dim=-1)  # (B, H, L_q, n)
     if VA.dim() == 4:
         return p @ VA
     return (p.unsqueeze(-2) @ VA).squeeze(-2)
@@ -233,7 +239,7 @@ def _causal_as_linear(call: Call, q, A, k, vv, state: State):
     ``exp(-EXP_RANGE)`` (:data:`attnlab.linear.EXP_RANGE`), else some prefix holds only logits that
     far below a later maximum and its feature would overflow; random and trained logits are far
     inside."""
-    s = call.scale * k.to(A.dtype) @ A.transpose(-1, -2)  # key logits (B, H, L, n), as the kernel reads them
+    s = k.to(A.dtype) @ _scaled(call, A)  # key logits (B, H, L, n), as the kernel reads them
     m0, Z0, U0 = state["max"], state["sum"], state["wsum"]
     r = torch.maximum(m0, s.amax(2))  # (B, H, n)
     carry = torch.exp(m0 - r)  # 0 for an empty state (m = -inf)
@@ -241,7 +247,7 @@ def _causal_as_linear(call: Call, q, A, k, vv, state: State):
     z = w.cumsum(2).add_((Z0 * carry)[:, :, None])  # Z'_i: (B, H, L, n)
     if not bool((z >= math.exp(-K.EXP_RANGE[s.dtype])).all()):  # NaN logits fail too: the per-chunk form
         return None
-    p = torch.softmax(call.scale * q.to(A.dtype) @ A.transpose(-1, -2), dim=-1)  # (B, H, L, n)
+    p = torch.softmax(q.to(A.dtype) @ _scaled(call, A), dim=-1)  # (B, H, L, n)
     out, S = K.chunked(p / z, w, vv, (U0 * carry[..., None]).contiguous(), chunk=call.params["chunk_size"])
     return out, state.replace(length=state.length + k.shape[2], max=r, sum=z[:, :, -1], wsum=S)
 
