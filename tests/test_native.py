@@ -566,3 +566,24 @@ def test_linear_noncausal_equals_the_pytorch_form(dtype, tol, feature, mode):
     x[0, 1, 3, 2] = float("nan")
     want = K.feature_map(feature, x.requires_grad_(), 4).detach()  # the PyTorch map (x requires grad)
     torch.testing.assert_close(native.map_features(x.detach(), feature, 4), want, atol=tol, rtol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("name,causal", [("aaren", True), ("aaren", False), ("rat", True), ("rat", False),
+                                         ("agent", False), ("rala", False)])
+def test_backward_kernels_stay_finite_at_65536_tokens_in_bfloat16(name, causal):
+    """Training at L = 65,536 in bfloat16 on random inputs (the kernels compute in float32): the output and
+    every gradient are finite, and the kernel's backward is what ran."""
+    from kernel_paths import graph_nodes
+
+    g = torch.Generator().manual_seed(5)
+    L = 65_536
+    base = torch.randn(1, 2, 1 if name == "aaren" else L, 16, generator=g).to(torch.bfloat16).requires_grad_()
+    q = base.expand(1, 2, L, 16) if name == "aaren" else base
+    k, v = (torch.randn(1, 2, L, 16, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(2))
+    out = attnlab.mechanism(name)(q, k, v, causal=causal)
+    kernels = {"aaren": "AarenScanBackward", "rat": "RatChunksBackward" if causal else "RatFinalsBackward",
+               "agent": "AgentNonCausalBackward", "rala": "NonCausalBackward"}
+    assert kernels[name] in graph_nodes(out.grad_fn)
+    out.float().square().mean().backward()
+    for t in (out, base.grad, k.grad, v.grad):
+        assert t.dtype == torch.bfloat16 and bool(t.isfinite().all())

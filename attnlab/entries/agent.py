@@ -174,7 +174,7 @@ def _chunked(call: Call, q, k, v, state):
     C, L = call.params["chunk_size"], k.shape[2]
     vv = v.to(A.dtype)
     if not call.causal:  # online softmax over key chunks, then one read-out (on the kernel: forward and backward)
-        if _native.serves(q, A, k, vv, backward=True):
+        if _native.serves(A, q, k, vv, backward=True):  # A: the compute dtype, which the kernel gets
             return _native.agent_noncausal(q.to(A.dtype), k.to(A.dtype), vv, A, call.scale,
                                            max(C, NONCAUSAL_ROWS)).to(v.dtype), None
         if _native.recording(q, k, v, A):
@@ -188,7 +188,7 @@ def _chunked(call: Call, q, k, v, state):
             m, Z, U = _absorb(m, Z, U, _logits(call, A, k[:, :, a:a + C]), vv[:, :, a:a + C])
         return _broadcast(call, q, A, U / Z[..., None]).to(v.dtype), None
     state = state or _init(call, q.shape[0], q.shape[1], q.dtype, q.device)
-    if _native.serves(q, A, k, vv, *state.tensors.values()):
+    if _native.serves(A, q, k, vv, *state.tensors.values()):  # A first: half inputs run in float32 too
         fused = _native_chunked(call, q, A, k, vv, state)
         if fused is not None:
             return fused[0].to(v.dtype), fused[1]
