@@ -21,14 +21,28 @@ namespace {
 
 constexpr int64_t BLOCK = 64, KEYS = 1024;
 
-// h_new = g h + (1 - g) x over n channels, one gate for all or one per channel.
+// h_new = g h + (1 - g) x over n channels, one gate for all or one per channel; h null: a chunk's first
+// row (h = 0).
 template <typename T>
 void recur(const T* h, const T* x, const T* g, bool per_channel, T* out, int64_t n) {
-  if (per_channel) {
+  if (!h) {
+    for (int64_t d = 0; d < n; ++d) out[d] = (1 - g[per_channel ? d : 0]) * x[d];
+  } else if (per_channel) {
     for (int64_t d = 0; d < n; ++d) out[d] = g[d] * h[d] + (1 - g[d]) * x[d];
   } else {
     const T a = g[0], b = 1 - g[0];
     for (int64_t d = 0; d < n; ++d) out[d] = a * h[d] + b * x[d];
+  }
+}
+
+// Every row's running summary h_t (L x n) of one (batch, head): the forward's scan, from `carry` when the
+// segment starts inside a chunk.
+template <typename T>
+void summaries(const T* x, const T* g, int64_t gcols, const T* carry, T* h, int64_t L, int64_t n, int64_t C,
+               int64_t pos0) {
+  for (int64_t t = 0; t < L; ++t) {
+    const T* before = (pos0 + t) % C == 0 ? nullptr : t ? h + (t - 1) * n : carry;
+    recur(before, x + t * n, g + t * gcols, gcols > 1, h + t * n, n);
   }
 }
 
@@ -38,7 +52,7 @@ void walk(const T* q, const T* k, const T* v, const T* gk, int64_t gk_cols, cons
           int64_t L, int64_t D, int64_t Dv, int64_t P, int64_t F, int64_t C, int64_t pos0, T scale) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
     std::vector<T> kt(D * F), qs(BLOCK * D), own_k(BLOCK * D), own_v(BLOCK * Dv), s(BLOCK * KEYS),
-        acc(BLOCK * Dv), m(BLOCK), l(BLOCK), zeros(std::max(D, Dv));
+        acc(BLOCK * Dv), m(BLOCK), l(BLOCK);
     std::vector<int64_t> vis(BLOCK);
     for (int64_t bh = begin; bh < stop; ++bh) {
       T* fk = fin_k + bh * F * D;
@@ -52,27 +66,20 @@ void walk(const T* q, const T* k, const T* v, const T* gk, int64_t gk_cols, cons
         const int64_t rows = std::min(BLOCK, L - t0);
         if (t0 + BLOCK < L) {  // the next block's rows on their way while this one works
           const int64_t ahead = std::min(BLOCK, L - t0 - BLOCK), row = bh * L + t0 + BLOCK;
-          for (int64_t x = 0; x < ahead * D; x += 16) {
+          for (int64_t x = 0; x < ahead * D; x += 64 / sizeof(T)) {  // one prefetch per cache line
             __builtin_prefetch(q + row * D + x);
             __builtin_prefetch(k + row * D + x);
           }
-          for (int64_t x = 0; x < ahead * Dv; x += 16) __builtin_prefetch(v + row * Dv + x);
+          for (int64_t x = 0; x < ahead * Dv; x += 64 / sizeof(T)) __builtin_prefetch(v + row * Dv + x);
         }
-        for (int64_t r = 0; r < rows; ++r) {  // scan
-          const int64_t t = t0 + r, p = pos0 + t;
-          const bool first = p % C == 0;
-          const T* kp = k + (bh * L + t) * D;
-          const T* vp = v + (bh * L + t) * Dv;
-          const T* gkp = gk + (bh * L + t) * gk_cols;
-          const T* gvp = gv + (bh * L + t) * gv_cols;
-          T* ok = own_k.data() + r * D;
-          T* ov = own_v.data() + r * Dv;
-          recur(first ? zeros.data() : rk, kp, gkp, gk_cols > 1, ok, D);
-          recur(first ? zeros.data() : rv, vp, gvp, gv_cols > 1, ov, Dv);
-          rk = ok;
-          rv = ov;
+        const int64_t row0 = bh * L + t0;  // scan
+        summaries(k + row0 * D, gk + row0 * gk_cols, gk_cols, rk, own_k.data(), rows, D, C, pos0 + t0);
+        summaries(v + row0 * Dv, gv + row0 * gv_cols, gv_cols, rv, own_v.data(), rows, Dv, C, pos0 + t0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* ok = own_k.data() + r * D;
+          const T* ov = own_v.data() + r * Dv;
           vis[r] = nf;
-          if (p % C == C - 1) {  // a chunk ends: its final summary joins the finals
+          if ((pos0 + t0 + r) % C == C - 1) {  // a chunk ends: its final summary joins the finals
             std::copy(ok, ok + D, fk + nf * D);
             std::copy(ov, ov + Dv, fv + nf * Dv);
             for (int64_t d = 0; d < D; ++d) kt[d * F + nf] = ok[d];
@@ -130,22 +137,11 @@ void walk(const T* q, const T* k, const T* v, const T* gk, int64_t gk_cols, cons
   });
 }
 
-// Every row's running summary h_t (L x n) of one (batch, head): the forward's scan, from `carry` when the
-// segment starts inside a chunk.
-template <typename T>
-void summaries(const T* x, const T* g, int64_t gcols, const T* carry, T* h, int64_t L, int64_t n, int64_t C,
-               int64_t pos0) {
-  const std::vector<T> zeros(n);
-  for (int64_t t = 0; t < L; ++t) {
-    const T* before = (pos0 + t) % C == 0 ? zeros.data() : t ? h + (t - 1) * n : carry;
-    recur(before, x + t * n, g + t * gcols, gcols > 1, h + t * n, n);
-  }
-}
-
 // The recurrence h_t = g_t h_{t-1} + (1 - g_t) x_t read backwards inside each chunk: dh (L x n) is the
 // summaries' gradient from everything that reads them; with a_t = dh_t + g_{t+1} a_{t+1} (a chunk's last
 // row, and the segment's, start afresh): dx_t = (1 - g_t) a_t, dg_t = a_t (h_{t-1} - x_t) (summed over the
-// channels for one gate per token) and, when the segment starts inside a chunk, dcarry = g_0 a_0.
+// channels for one gate per token) and, when the segment starts inside a chunk, dcarry = g_0 a_0 (dcarry
+// null: not wanted).
 template <typename T>
 void recur_back(const T* x, const T* g, int64_t gcols, const T* h, const T* carry, const T* dh, T* dx, T* dg,
                 T* dcarry, int64_t L, int64_t n, int64_t C, int64_t pos0) {
@@ -169,7 +165,8 @@ void recur_back(const T* x, const T* g, int64_t gcols, const T* h, const T* carr
     }
     if (!per_channel) dg[t] = sum;
   }
-  for (int64_t d = 0; d < n; ++d) dcarry[d] = pos0 % C ? g[per_channel ? d : 0] * a[d] : T(0);
+  if (dcarry)
+    for (int64_t d = 0; d < n; ++d) dcarry[d] = pos0 % C ? g[per_channel ? d : 0] * a[d] : T(0);
 }
 
 // The backward of walk() for one segment: the summaries recomputed (the finals come from the forward), then
@@ -298,15 +295,14 @@ std::vector<torch::Tensor> rat_finals(torch::Tensor k, torch::Tensor v, torch::T
     T *fkp = fk.data_ptr<T>(), *fvp = fv.data_ptr<T>();
     const int64_t ck = gk.size(3), cv = gv.size(3);
     at::parallel_for(0, B * H * n, 1, [&](int64_t begin, int64_t stop) {
-      const std::vector<T> zeros(std::max(D, Dv));
       for (int64_t item = begin; item < stop; ++item) {  // one chunk of one (batch, head)
         const int64_t bh = item / n, c0 = (item % n) * chunk, e = std::min(L, c0 + chunk);
         T* ok = fkp + item * D;
         T* ov = fvp + item * Dv;
         for (int64_t t = c0; t < e; ++t) {
           const int64_t row = bh * L + t;
-          recur(t == c0 ? zeros.data() : ok, kp + row * D, gkp + row * ck, ck > 1, ok, D);
-          recur(t == c0 ? zeros.data() : ov, vp + row * Dv, gvp + row * cv, cv > 1, ov, Dv);
+          recur(t == c0 ? nullptr : ok, kp + row * D, gkp + row * ck, ck > 1, ok, D);
+          recur(t == c0 ? nullptr : ov, vp + row * Dv, gvp + row * cv, cv > 1, ov, Dv);
         }
       }
     });
@@ -337,7 +333,7 @@ std::vector<torch::Tensor> rat_finals_backward(torch::Tensor k, torch::Tensor v,
     using T = scalar_t;
     const int64_t ck = gk.size(3), cv = gv.size(3);
     at::parallel_for(0, B * H * n, 1, [&](int64_t begin, int64_t stop) {
-      std::vector<T> h(chunk * std::max(D, Dv)), dh(chunk * std::max(D, Dv)), none(std::max(D, Dv));
+      std::vector<T> h(chunk * std::max(D, Dv)), dh(chunk * std::max(D, Dv));
       for (int64_t item = begin; item < stop; ++item) {  // one chunk of one (batch, head)
         const int64_t bh = item / n, c0 = (item % n) * chunk, m = std::min(L, c0 + chunk) - c0, row = bh * L + c0;
         for (int side = 0; side < 2; ++side) {
@@ -345,11 +341,12 @@ std::vector<torch::Tensor> rat_finals_backward(torch::Tensor k, torch::Tensor v,
           const T* x = in[side].data_ptr<T>() + row * w;
           const T* g = in[2 + side].data_ptr<T>() + row * cols;
           const T* dfin = in[4 + side].data_ptr<T>() + item * w;
-          summaries(x, g, cols, none.data(), h.data(), m, w, chunk, int64_t(0));
+          summaries(x, g, cols, static_cast<const T*>(nullptr), h.data(), m, w, chunk, int64_t(0));
           std::fill(dh.begin(), dh.begin() + m * w, T(0));
           std::copy(dfin, dfin + w, dh.data() + (m - 1) * w);  // only the chunk's last row is read
-          recur_back(x, g, cols, h.data(), none.data(), dh.data(), (side ? dv : dk).data_ptr<T>() + row * w,
-                     (side ? dgv : dgk).data_ptr<T>() + row * cols, none.data(), m, w, chunk, int64_t(0));
+          recur_back(x, g, cols, h.data(), static_cast<const T*>(nullptr), dh.data(),
+                     (side ? dv : dk).data_ptr<T>() + row * w, (side ? dgv : dgk).data_ptr<T>() + row * cols,
+                     static_cast<T*>(nullptr), m, w, chunk, int64_t(0));
         }
       }
     });
