@@ -341,8 +341,8 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
             if resumed:
                 print(f"attnlab bench: resuming run {run_id}: {len(done) + len(done_tasks)} of {n_total} cases are "
                       f"already stored", file=sys.stderr)
-            settings.gemm_gflops, settings.bandwidth_gbytes = _calibrate(store, run_id, sorted({c.dtype for c in cases}),
-                                                                         threads, gemm)
+            dtypes = sorted({c.dtype for c in cases})
+            settings.gemm_gflops, settings.bandwidth_gbytes = _calibrate(store, run_id, dtypes, threads, gemm)
             try:
                 with output.progress(n_total, out) as (on_start, on_done):
                     results = run_cases(cases, settings, store, run_id, on_start, on_done, done=done)

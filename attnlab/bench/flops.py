@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
-
 from ..catalogue import Call
 from ..patterns import executor as ex
 
@@ -54,8 +52,7 @@ def bytes_moved(call: Call, direction: str) -> int:
     q_rows = 1 if call.mechanism.extras.get("shared_query") else call.q_len
     elems = call.batch * (call.q_heads * (q_rows * call.head_dim + call.q_len * call.value_dim)
                           + call.kv_heads * call.kv_len * (call.head_dim + call.value_dim))
-    size = torch.empty((), dtype=call.dtype).element_size()
-    return elems * size * (3 if direction == "fwdbwd" else 1)
+    return elems * call.dtype.itemsize * (3 if direction == "fwdbwd" else 1)
 
 
 def own_count(call: Call):

@@ -38,8 +38,9 @@ kernels, forward and backward; on CPU without autograd a C++ kernel of its own,
 where those features would leave the dtype's range (a prefix whose logits all lie more than 60 below
 a later maximum, in float32), per chunk of ``C`` keys every position's prefix ``(max, sum, weighted
 sum)`` from an ``(n, C, C)`` masked exponential combined with the carried state, every exponent
-``<= 0``. The non-causal chunked form absorbs key chunks into the same state
-(online softmax; a C++ kernel on CPU) and then reads it out; the non-causal recurrent form absorbs one key at a time.
+``<= 0``. The non-causal chunked form absorbs key chunks into the same state (online softmax; a C++
+kernel on CPU, forward and backward) and then reads it out; the non-causal recurrent form absorbs one
+key at a time.
 Accumulation is float32 for half inputs.
 
 **Left out (module-level).** The agent bias (learned 2-D position biases added to both softmax logits)
