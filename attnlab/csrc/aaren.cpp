@@ -30,7 +30,7 @@ template <typename T>
 void walk(const T* query, const T* k, const T* v, T* m, T* u, T* w, T* out, T* trace, int64_t BH, int64_t L,
           int64_t D, int64_t Dv, T scale, bool causal) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> s(BLOCK), M(BLOCK), a(BLOCK), b(BLOCK);
+    attnlab::Buffer<T> s(BLOCK), M(BLOCK), a(BLOCK), b(BLOCK);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const T* q = query + bh * D;
       T* wh = w + bh * Dv;
@@ -88,7 +88,7 @@ void walk_back(const T* query, const T* k, const T* v, const T* out, const T* tr
                const T* dw, const T* m0, const T* u0, T* dq, T* dk, T* dv, T* du0, T* dw0, int64_t BH, int64_t L,
                int64_t D, int64_t Dv, T scale, bool causal) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> G(Dv);
+    attnlab::Buffer<T> G(Dv);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const T* q = query + bh * D;
       const T* tr = trace + bh * L * 2;

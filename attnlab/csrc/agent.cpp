@@ -48,7 +48,7 @@ bool walk(const T* q, const T* k, const T* v, const T* agents, T* r, T* Z, T* U,
   const T floor = std::exp(-attnlab::kRange<T>);
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
     // kq: the chunk's keys then its queries, one GEMM for both logits (s: the keys', phi: the queries')
-    std::vector<T> At(D * n), kq(2 * C * D), sp(2 * C * n), w(C * n), wt(n * C), z(C * n), scores(C * C), rn(n), f(n);
+    attnlab::Buffer<T> At(D * n), kq(2 * C * D), sp(2 * C * n), w(C * n), wt(n * C), z(C * n), scores(C * C), rn(n), f(n);
     for (int64_t bh = begin; bh < stop && ok; ++bh) {
       scaled_agents(agents + bh * n * D, n, D, scale, At.data());
       T* rh = r + bh * n;
@@ -149,7 +149,7 @@ template <typename T>
 void noncausal(const T* q, const T* k, const T* v, const T* agents, T* out, int64_t BH, int64_t Lq, int64_t Lk,
                int64_t D, int64_t Dv, int64_t n, int64_t C, T scale) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> At(D * n), s(C * n), wt(n * C), r(n), Z(n), U(n * Dv);
+    attnlab::Buffer<T> At(D * n), s(C * n), wt(n * C), r(n), Z(n), U(n * Dv);
     for (int64_t bh = begin; bh < stop; ++bh) {
       scaled_agents(agents + bh * n * D, n, D, scale, At.data());
       agent_values(k + bh * Lk * D, v + bh * Lk * Dv, At.data(), Lk, D, Dv, n, C, s.data(), wt.data(), r.data(),
@@ -183,7 +183,7 @@ template <typename T>
 void noncausal_back(const T* q, const T* k, const T* v, const T* agents, const T* dout, T* dq, T* dk, T* dv, T* da,
                     int64_t BH, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t n, int64_t C, T scale) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> At(D * n), As(n * D), s(C * n), g(C * n), st(n * C), r(n), Z(n), U(n * Dv), Ut(Dv * n),
+    attnlab::Buffer<T> At(D * n), As(n * D), s(C * n), g(C * n), st(n * C), r(n), Z(n), U(n * Dv), Ut(Dv * n),
         dU(n * Dv), dUt(Dv * n), c(n);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const T* a = agents + bh * n * D;

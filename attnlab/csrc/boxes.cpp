@@ -199,7 +199,7 @@ struct Tile {
   Union u;
   std::array<T, M> sums;
   std::vector<Slot> slots;
-  std::vector<T> qs, s, o;
+  attnlab::Buffer<T> qs, s, o;
 };
 
 // Queries go in tiles of `tile` (at most 8 queries, register-blocked), and tiles in groups of

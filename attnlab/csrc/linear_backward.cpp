@@ -48,7 +48,7 @@ void anticausal_values(int64_t n, int64_t Dv, const T* s, const T* x, T* o) {
 template <typename T>
 struct Tables {
   int mode = 0;  // 0: W (no decay, per-head decay, one gate per token); 1: per-channel gates, one GEMM; 2: pair by pair
-  std::vector<T> w, G, QF, KF, EG, across, gt;  // EG = exp(-G) (per-channel gates in range)
+  attnlab::Buffer<T> w, G, QF, KF, EG, across, gt;  // EG = exp(-G) (per-channel gates in range)
   int64_t built = -1;  // mode 0 with a per-head decay: the chunk length w was built for
   Tables(int64_t C, int64_t F) : w(C * C), G(C * F), QF(C * F), KF(C * F), EG(C * F), across(F), gt(C) {}
 
@@ -110,33 +110,33 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
   const bool map_q = feature != 0 || q_scale != T(1), map_k = feature != 0;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
     Tables<T> tab(C, F);
-    std::vector<T> states(std::max<int64_t>(m, 1) * F * Ds), dS(F * Ds), St(Dv * F), dSt(Dv * F), qr(C * F),
+    attnlab::Buffer<T> states(std::max<int64_t>(m, 1) * F * Ds), dS(F * Ds), St(Dv * F), dSt(Dv * F), qr(C * F),
         qrt(F * C), kr(C * F), krt(F * C), kt(F * C), vt(Dv * C), A(C * C), At(C * C), M(C * C), Mt(C * C),
         qa(C * F), ka(C * F), intra(C * F), inter(C * F), qm, km, dqm, dkm, dn, dd;
     if (map_q) qm.resize(C * F), dqm.resize(C * F);
     if (map_k) km.resize(C * F), dkm.resize(C * F);
     if (normalize) dn.resize(C * Dv), dd.resize(C);
-    std::vector<T> vsums, vs(Dv), du, r(Dv);  // InLine: the values' sum before each chunk, du / N, its reverse sum
+    attnlab::Buffer<T> vsums, vs(Dv), du, r(Dv);  // InLine: the values' sum before each chunk, du / N, its reverse sum
     if (centre) vsums.resize(std::max<int64_t>(m, 1) * Dv), du.resize(C * Dv);
     // reverse: the chunk's rows read backwards into buffers, its gradients' rows written back from them
-    std::vector<T> rq, rk, rv, rg, rdo, oq, ok, ov, og, gacc(std::max<int64_t>(cols, 1));
+    attnlab::Buffer<T> rq, rk, rv, rg, rdo, oq, ok, ov, og, gacc(std::max<int64_t>(cols, 1));
     if (reverse) {
       og.resize(C * std::max<int64_t>(cols, 1));
       for (auto* b : {&rq, &rk, &oq, &ok}) b->resize(C * Din);
       for (auto* b : {&rv, &rdo, &ov}) b->resize(C * Dv);
       rg.resize(C * std::max<int64_t>(cols, 1));
     }
-    auto rows = [&](const T* base, int64_t width, int64_t c0, int64_t n, std::vector<T>& buf) -> const T* {
+    auto rows = [&](const T* base, int64_t width, int64_t c0, int64_t n, attnlab::Buffer<T>& buf) -> const T* {
       if (!base || !reverse) return base ? base + c0 * width : nullptr;
       const int64_t r0 = L - c0 - n;
       for (int64_t t = 0; t < n; ++t)
         std::copy(base + (r0 + n - 1 - t) * width, base + (r0 + n - t) * width, buf.data() + t * width);
       return buf.data();
     };
-    auto target = [&](T* base, int64_t width, int64_t c0, std::vector<T>& buf) {
+    auto target = [&](T* base, int64_t width, int64_t c0, attnlab::Buffer<T>& buf) {
       return reverse ? buf.data() : base + c0 * width;
     };
-    auto land = [&](const std::vector<T>& buf, T* base, int64_t width, int64_t c0, int64_t n) {
+    auto land = [&](const attnlab::Buffer<T>& buf, T* base, int64_t width, int64_t c0, int64_t n) {
       if (!reverse) return;
       const int64_t r0 = L - c0 - n;
       for (int64_t t = 0; t < n; ++t)
@@ -379,7 +379,7 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
                         int64_t taylor_dim, T q_scale, bool normalize, T eps, T rala_scale) {
   const bool rala = rala_scale > 0;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> S(F * Dv), St(Dv * F), z(F), dS(F * Dv), dSt(Dv * F), dz(F), mapped(C * F), mt(F * C),
+    attnlab::Buffer<T> S(F * Dv), St(Dv * F), z(F), dS(F * Dv), dSt(Dv * F), dz(F), mapped(C * F), mt(F * C),
         num(C * Dv), dn(C * Dv), dd(C), dphi(C * F), qbar(F), dqbar(F), a(C), phik(rala ? C * F : 0),
         dphiq(rala ? Lq * F : 0);
     for (int64_t bh = begin; bh < stop; ++bh) {

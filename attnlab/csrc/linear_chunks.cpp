@@ -69,11 +69,11 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
   const bool map_q = feature != 0 || q_scale != T(1), map_k = feature != 0;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
     // Gt and w have a vector of lanes to spare: decay_row writes whole vectors
-    std::vector<T> kt(F * C), scores(C * C), qs(C * F), G(C * F), Gt(C + attnlab::LANES<T>),
+    attnlab::Buffer<T> kt(F * C), scores(C * C), qs(C * F), G(C * F), Gt(C + attnlab::LANES<T>),
         w(C * C + attnlab::LANES<T>), qdecay(C), kdecay(C), qm, km;
     if (map_q) qm.resize(C * F);
     if (map_k) km.resize(C * F);
-    std::vector<T> rq, rk, rv, rg, ro;  // a reversed chunk's rows; the output rows before they land
+    attnlab::Buffer<T> rq, rk, rv, rg, ro;  // a reversed chunk's rows; the output rows before they land
     if (reverse) {
       rq.resize(C * Din);
       rk.resize(C * Din);
@@ -93,7 +93,7 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
         const T* vc = v + (bh * L + r0) * Dv;
         const T* gc = gates ? gates + (bh * L + r0) * gate_cols : nullptr;
         if (reverse) {  // the sequence read backwards: the chunk's rows in reverse order
-          auto flip = [n](const T* src, int64_t width, std::vector<T>& dst) {
+          auto flip = [n](const T* src, int64_t width, attnlab::Buffer<T>& dst) {
             for (int64_t t = 0; t < n; ++t)
               std::copy(src + (n - 1 - t) * width, src + (n - t) * width, dst.data() + t * width);
             return dst.data();
@@ -225,7 +225,7 @@ void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t L
   const int64_t Ds = Dv + (normalize ? 1 : 0);
   const bool rala = rala_scale > 0;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> S(F * Ds), mapped(C * F), kt(F * C), qbar(F), logit(C);
+    attnlab::Buffer<T> S(F * Ds), mapped(C * F), kt(F * C), qbar(F), logit(C);
     for (int64_t bh = begin; bh < stop; ++bh) {
       std::fill(S.begin(), S.end(), T(0));
       T M = 0, Z = 0;  // RALA: the logits' running maximum and the sum of exp(logit - M) (empty: Z = 0)

@@ -100,13 +100,13 @@ void walk(const T* q, const T* k, const T* v, const std::vector<T*>& WS, const s
     // per layer: Z (inputs), P (pre-activations of layers >= 1), Dl (errors); x2 ([keep_w x | from_s x]),
     // pre and y (a retrieval layer's pre-activation and activation), s (n x n), zt (-Z^T), dw and ds
     // (the errors weighted for the W and S updates): scratch for one layer at a time
-    std::vector<std::vector<T>> Z(d), P(d), Dl(d);
+    std::vector<attnlab::Buffer<T>> Z(d), P(d), Dl(d);
     for (int64_t l = 0; l < d; ++l) {
       Z[l].resize(C * dims.in[l]);
       if (l) P[l].resize(C * dims.in[l]);
       Dl[l].resize(C * dims.out[l]);
     }
-    std::vector<T> x2(C * 2 * widest), pre(C * widest), y(C * widest), s(C * C), zt(C * widest), dw(C * widest),
+    attnlab::Buffer<T> x2(C * 2 * widest), pre(C * widest), y(C * widest), s(C * C), zt(C * widest), dw(C * widest),
         ds(C * widest);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const int64_t b = bh / H, h = bh % H;

@@ -9,6 +9,7 @@
 #endif
 
 #include <algorithm>
+#include <new>
 #include <vector>
 
 std::vector<torch::Tensor> range_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor start,
@@ -98,6 +99,26 @@ extern "C" void sgemm_(const char*, const char*, const int*, const int*, const i
                        const int*, const float*, const int*, const float*, float*, const int*);
 
 namespace attnlab {
+
+// Scratch memory on 64-byte boundaries. The kernels' loops are vectorized under -ffast-math, which lets
+// a reduction (a dot product, a row sum) start on the first aligned element and sum in an order set by
+// the data's address: buffers at a heap-chosen alignment would make two calls on the same inputs differ
+// in the last bits. Tensors from torch's CPU allocator are 64-byte aligned already.
+template <typename T>
+struct Aligned {
+  using value_type = T;
+  Aligned() = default;
+  template <typename U>
+  Aligned(const Aligned<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const Aligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned<U>&) const { return false; }
+};
+template <typename T>
+using Buffer = std::vector<T, Aligned<T>>;
 
 // Row-major C (m x n, row stride ldc) = A (m x k) . B (k x n), plus C when `add`. Single-threaded:
 // the kernels call it from inside torch's parallel region. Float goes to oneDNN's BRGEMM

@@ -43,7 +43,7 @@ void forward(const T* q, const T* k, const T* v, const int64_t* start, const int
   const int64_t group = H / Hkv;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, B * H * nq, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> s(block_q * chunk), kt(D * chunk), qs(block_q * D), acc(block_q * Dv), m(block_q), l(block_q);
+    attnlab::Buffer<T> s(block_q * chunk), kt(D * chunk), qs(block_q * D), acc(block_q * Dv), m(block_q), l(block_q);
     for (int64_t item = begin; item < stop; ++item) {
       const int64_t qb = item % nq, bh = item / nq, b = bh / H, h = bh % H;
       const int64_t i0 = qb * block_q, rows = std::min(block_q, Lq - i0);
@@ -116,7 +116,7 @@ void backward(const T* q, const T* k, const T* v, const int64_t* start, const in
   const int64_t nq = (Lq + block_q - 1) / block_q;
   const int64_t group = H / Hkv;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> s(block_q * chunk), ds(block_q * chunk), tr(chunk * std::max(block_q, std::max(D, Dv))),
+    attnlab::Buffer<T> s(block_q * chunk), ds(block_q * chunk), tr(chunk * std::max(block_q, std::max(D, Dv))),
         qs(block_q * D), dqa(block_q * D), drow(block_q);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const int64_t b = bh / H, h = bh % H, kvh = b * Hkv + h / group;

@@ -51,7 +51,7 @@ void walk(const T* q, const T* k, const T* v, const T* gk, int64_t gk_cols, cons
           const T* carry_k, const T* carry_v, T* fin_k, T* fin_v, T* last_k, T* last_v, T* out, T* lse, int64_t BH,
           int64_t L, int64_t D, int64_t Dv, int64_t P, int64_t F, int64_t C, int64_t pos0, T scale) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> kt(D * F), qs(BLOCK * D), own_k(BLOCK * D), own_v(BLOCK * Dv), s(BLOCK * KEYS),
+    attnlab::Buffer<T> kt(D * F), qs(BLOCK * D), own_k(BLOCK * D), own_v(BLOCK * Dv), s(BLOCK * KEYS),
         acc(BLOCK * Dv), m(BLOCK), l(BLOCK);
     std::vector<int64_t> vis(BLOCK);
     for (int64_t bh = begin; bh < stop; ++bh) {
@@ -145,7 +145,7 @@ void walk(const T* q, const T* k, const T* v, const T* gk, int64_t gk_cols, cons
 template <typename T>
 void recur_back(const T* x, const T* g, int64_t gcols, const T* h, const T* carry, const T* dh, T* dx, T* dg,
                 T* dcarry, int64_t L, int64_t n, int64_t C, int64_t pos0) {
-  std::vector<T> a(n);
+  attnlab::Buffer<T> a(n);
   const bool per_channel = gcols > 1;
   for (int64_t t = L - 1; t >= 0; --t) {
     const bool restart = t == L - 1 || (pos0 + t + 1) % C == 0;  // the next row starts a chunk, or is not here
@@ -181,7 +181,7 @@ void walk_back(const T* q, const T* k, const T* v, const T* gk, int64_t gk_cols,
                T* dv, T* dgk, T* dgv, T* d_past_k, T* d_past_v, T* d_carry_k, T* d_carry_v, int64_t BH, int64_t L,
                int64_t D, int64_t Dv, int64_t P, int64_t F, int64_t C, int64_t pos0, T scale) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> hk(L * D), hv(L * Dv), dhk(L * D), dhv(L * Dv), dfk(F * D), dfv(F * Dv), kt(D * F),
+    attnlab::Buffer<T> hk(L * D), hv(L * Dv), dhk(L * D), dhv(L * Dv), dfk(F * D), dfv(F * Dv), kt(D * F),
         qs(BLOCK * D), s(BLOCK * KEYS), dp(BLOCK * KEYS), st(KEYS * BLOCK), dqb(BLOCK * D), Dr(BLOCK);
     std::vector<int64_t> vis(BLOCK);
     for (int64_t bh = begin; bh < stop; ++bh) {
@@ -333,7 +333,7 @@ std::vector<torch::Tensor> rat_finals_backward(torch::Tensor k, torch::Tensor v,
     using T = scalar_t;
     const int64_t ck = gk.size(3), cv = gv.size(3);
     at::parallel_for(0, B * H * n, 1, [&](int64_t begin, int64_t stop) {
-      std::vector<T> h(chunk * std::max(D, Dv)), dh(chunk * std::max(D, Dv));
+      attnlab::Buffer<T> h(chunk * std::max(D, Dv)), dh(chunk * std::max(D, Dv));
       for (int64_t item = begin; item < stop; ++item) {  // one chunk of one (batch, head)
         const int64_t bh = item / n, c0 = (item % n) * chunk, m = std::min(L, c0 + chunk) - c0, row = bh * L + c0;
         for (int side = 0; side < 2; ++side) {
