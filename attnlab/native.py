@@ -2,9 +2,9 @@
 
 Kernels, each the fused form of mathematics that also exists in PyTorch here (and is tested against
 it); forward-only but for ``range_attention``, ``linear_chunks``, ``linear_noncausal``, ``aaren_scan``,
-``rat_chunks``, ``rat_finals`` and ``agent_noncausal``, which have backward kernels (:class:`RangeAttention`,
-:class:`attnlab.linear.Chunks`, :class:`attnlab.linear.NonCausal`, :class:`AarenScan`, :class:`RatChunks`,
-:class:`RatFinals` and :class:`AgentNonCausal`):
+``rat_chunks``, ``rat_finals``, ``agent_noncausal`` and ``memory_chunks``, which have backward kernels
+(:class:`RangeAttention`, :class:`attnlab.linear.Chunks`, :class:`attnlab.linear.NonCausal`, :class:`AarenScan`,
+:class:`RatChunks`, :class:`RatFinals`, :class:`AgentNonCausal` and :class:`MemoryChunks`):
 
 ``range_attention``  exact softmax attention where every query sees one or a few ranges of keys
                      (sliding windows, 1-D neighborhoods, causal, prefix-LM, documents, sinks
@@ -306,17 +306,62 @@ def linear_chunks_backward(q, k, v, state0: torch.Tensor, log_decay: Optional[to
                                                  bool(strict), final_state, bool(gates_grad)))
 
 
-def memory_chunks(q, k, v, ws: list, g: list, coefficients, chunk: int, pos0: int, activation: str) -> torch.Tensor:
+def memory_chunks(q, k, v, ws: list, g: list, coefficients, chunk: int, pos0: int, activation: str):
     """Titans' memory over one causal segment (see :func:`attnlab.memory.chunk`), chunk after chunk per
-    (batch, head) with the weights in cache. ``ws``: per layer the stacked ``[W; S]`` ``(B, H, 2, in, out)``,
-    updated in place; ``g``: per layer the chunk-start weights ``(B, H, in, out)`` (read when ``pos0`` is
-    inside a chunk, written when the segment ends inside a chunk it started; ``[]`` for ``chunk`` 1);
-    ``coefficients``: :class:`attnlab.memory.Coefficients` of the segment's runs, ``(Bc, Hc, R, C[, C])``
-    (R = 1: the same for every run). Returns the output ``(B, H, L, Dv)``."""
+    (batch, head) with the weights in cache. ``ws``: per layer the stacked ``[W; S]`` ``(B, H, 2, in, out)``;
+    ``g``: per layer the chunk-start weights ``(B, H, in, out)`` (read when ``pos0`` is inside a chunk;
+    ``[]`` for ``chunk`` 1); ``coefficients``: :class:`attnlab.memory.Coefficients` of the segment's runs,
+    ``(Bc, Hc, R, C[, C])`` (R = 1: the same for every run). Returns ``(out, ws, g)``: the output
+    ``(B, H, L, Dv)`` and new ``[W; S]`` and chunk-start weights after the segment (the inputs are left
+    as they are). Differentiable in ``q, k, v, ws, g`` (:class:`MemoryChunks`) when autograd records; the
+    coefficients are constants here (rates that need gradients take the PyTorch path)."""
     from .memory import ACTIVATIONS  # the kernel's activation codes are their indices
 
-    co = [x.contiguous() for x in coefficients[:5]]
-    return module().memory_chunks(q, k, v, ws, g, *co, int(chunk), int(pos0), ACTIVATIONS.index(activation))
+    co = tuple(x.contiguous() for x in coefficients[:5])
+    code = ACTIVATIONS.index(activation)
+    if recording(q, k, v, *ws, *g):
+        outs = MemoryChunks.apply(co, int(chunk), int(pos0), code, len(ws), q, k, v, *ws, *g)
+        return outs[0], list(outs[1:1 + len(ws)]), list(outs[1 + len(ws):])
+    ws, g = ([x.clone(memory_format=torch.contiguous_format) for x in xs] for xs in (ws, g))  # updated in place
+    return module().memory_chunks(q, k, v, ws, g, *co, int(chunk), int(pos0), code, []), ws, g
+
+
+def memory_runs(L: int, chunk: int, pos0: int) -> int:
+    """Runs of a segment of ``L`` tokens from position ``pos0``: the pieces between chunk boundaries."""
+    first = min(L, (-pos0) % chunk)
+    return (1 if first else 0) + -(-(L - first) // chunk)
+
+
+class MemoryChunks(torch.autograd.Function):
+    """:func:`memory_chunks` with its backward kernel (``csrc/memory.cpp``: the forward keeps each run's
+    starting ``[W; S]``; the backward walks the runs in reverse, recomputing each run's gradients at G and
+    its retrieval, the second-order terms through the memory's own gradient included):
+    ``apply(coefficients, chunk, pos0, activation_code, depth, q, k, v, *ws, *g) -> (out, *ws, *g)``."""
+
+    @staticmethod
+    def forward(ctx, co, chunk, pos0, code, depth, q, k, v, *weights):
+        ws0, g0 = weights[:depth], [x.contiguous() for x in weights[depth:]]
+        ws, g = ([x.clone(memory_format=torch.contiguous_format) for x in xs] for xs in (ws0, g0))
+        R = memory_runs(q.shape[2], chunk, pos0)
+        trace = [w.new_empty(w.shape[:2] + (R,) + w.shape[2:]) for w in ws]
+        out = module().memory_chunks(q, k, v, ws, g, *co, chunk, pos0, code, trace)
+        ctx.save_for_backward(q, k, v, *trace, *g0)
+        ctx.co, ctx.chunk, ctx.pos0, ctx.code, ctx.depth = co, chunk, pos0, code, depth
+        return (out, *ws, *g)
+
+    @staticmethod
+    def backward(ctx, dout, *grads):
+        d = ctx.depth
+        q, k, v, *saved = ctx.saved_tensors
+        trace, g0 = saved[:d], saved[d:]
+        dout = torch.zeros(*q.shape[:3], v.shape[3], dtype=q.dtype) if dout is None else dout
+        d_ws = [torch.zeros(t.shape[:2] + t.shape[3:], dtype=t.dtype) if x is None else x
+                for t, x in zip(trace, grads[:d])]
+        d_g = [] if all(x is None for x in grads[d:]) else [torch.zeros_like(t) if x is None else x
+                                                            for t, x in zip(g0, grads[d:])]
+        res = module().memory_chunks_backward(q, k, v, trace, g0, *ctx.co, ctx.chunk, ctx.pos0, ctx.code, dout, d_ws,
+                                              d_g)
+        return (None,) * 5 + tuple(res)
 
 
 def rat_finals(k, v, gk, gv, chunk: int):

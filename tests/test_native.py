@@ -569,7 +569,7 @@ def test_linear_noncausal_equals_the_pytorch_form(dtype, tol, feature, mode):
 
 
 @pytest.mark.parametrize("name,causal", [("aaren", True), ("aaren", False), ("rat", True), ("rat", False),
-                                         ("agent", False), ("rala", False)])
+                                         ("agent", False), ("rala", False), ("titans", True)])
 def test_backward_kernels_stay_finite_at_65536_tokens_in_bfloat16(name, causal):
     """Training at L = 65,536 in bfloat16 on random inputs (the kernels compute in float32): the output and
     every gradient are finite, and the kernel's backward is what ran."""
@@ -582,7 +582,7 @@ def test_backward_kernels_stay_finite_at_65536_tokens_in_bfloat16(name, causal):
     k, v = (torch.randn(1, 2, L, 16, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(2))
     out = attnlab.mechanism(name)(q, k, v, causal=causal)
     kernels = {"aaren": "AarenScanBackward", "rat": "RatChunksBackward" if causal else "RatFinalsBackward",
-               "agent": "AgentNonCausalBackward", "rala": "NonCausalBackward"}
+               "agent": "AgentNonCausalBackward", "rala": "NonCausalBackward", "titans": "MemoryChunksBackward"}
     assert kernels[name] in graph_nodes(out.grad_fn)
     out.float().square().mean().backward()
     for t in (out, base.grad, k.grad, v.grad):

@@ -11,6 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_noncausal_backward", &linear_noncausal_backward, "the gradients of linear_noncausal (CPU)");
   m.def("map_features", &map_features, "the linear kernels' feature maps as one pass (CPU)");
   m.def("memory_chunks", &memory_chunks, "Titans' neural memory, chunked form (CPU forward)");
+  m.def("memory_chunks_backward", &memory_chunks_backward, "gradients of memory_chunks");
   m.def("agent_chunks", &agent_chunks, "agent attention's causal chunked form (CPU forward)");
   m.def("agent_noncausal", &agent_noncausal, "non-causal agent attention (CPU forward)");
   m.def("agent_noncausal_backward", &agent_noncausal_backward, "the gradients of agent_noncausal (CPU)");

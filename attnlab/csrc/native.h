@@ -33,7 +33,13 @@ torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
 torch::Tensor memory_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<torch::Tensor> ws,
                             std::vector<torch::Tensor> g, torch::Tensor keep_w, torch::Tensor keep_s,
                             torch::Tensor from_s, torch::Tensor w_grad, torch::Tensor s_grad, int64_t chunk,
-                            int64_t pos0, int64_t activation);
+                            int64_t pos0, int64_t activation, std::vector<torch::Tensor> trace);
+std::vector<torch::Tensor> memory_chunks_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                  std::vector<torch::Tensor> trace, std::vector<torch::Tensor> g,
+                                                  torch::Tensor keep_w, torch::Tensor keep_s, torch::Tensor from_s,
+                                                  torch::Tensor w_grad, torch::Tensor s_grad, int64_t chunk,
+                                                  int64_t pos0, int64_t activation, torch::Tensor dout,
+                                                  std::vector<torch::Tensor> d_ws, std::vector<torch::Tensor> d_g);
 
 std::vector<torch::Tensor> rat_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gk,
                                       torch::Tensor gv, torch::Tensor past_k, torch::Tensor past_v,
@@ -143,14 +149,15 @@ constexpr T kRange = std::is_same_v<T, float> ? T(60) : T(600);
 // Row-major c (m x n) = a (m x k) . op(b) through BLAS (MKL; single-threaded inside torch's parallel
 // region), op(b) = b (k x n) or, with `transposed_b`, b^T for b (n x k) row-major: for a transposed
 // operand, or a long m, which the BRGEMM micro-kernel of gemm() is not made for.
+// `alpha` and `beta`: c = alpha a op(b) + beta c.
 template <typename T>
-inline void blas_gemm(bool transposed_b, int m, int n, int k, const T* a, int lda, const T* b, int ldb, T* c, int ldc) {
+inline void blas_gemm(bool transposed_b, int m, int n, int k, const T* a, int lda, const T* b, int ldb, T* c, int ldc,
+                      T alpha = 1, T beta = 0) {
   const char tb = transposed_b ? 'T' : 'N', ta = 'N';
-  const T one = 1, zero = 0;
   if constexpr (std::is_same_v<T, float>)
-    sgemm_(&tb, &ta, &n, &m, &k, &one, b, &ldb, a, &lda, &zero, c, &ldc);
+    sgemm_(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
   else
-    dgemm_(&tb, &ta, &n, &m, &k, &one, b, &ldb, a, &lda, &zero, c, &ldc);
+    dgemm_(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
 }
 
 #ifdef __AVX2__

@@ -190,7 +190,8 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
     q, k, v = _prep(call, q, k, v)
     b, act, pos0 = call.params["chunk_size"], call.params["activation"], state.length
     W, S, G = _unpack(state, call)
-    if _native.serves(q, k, v, *W, *S, *G, *(call.params.get(t) for _, t in RATES)):
+    rates = [call.params.get(t) for _, t in RATES]
+    if _native.serves(q, k, v, *W, *S, *G, *rates, backward=not _native.recording(*rates)):
         out, W, S, G = _native_chunked(call, q, k, v, W, S, G, pos0)
         return out.to(call.dtype), _pack(state, pos0 + L, W, S, G)
     outs = []
@@ -203,8 +204,9 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
 
 
 def _fused(call: Call) -> bool:
-    """True when :func:`_chunked` runs on the C++ kernel for this call (it then takes the call whole)."""
-    grad = call.requires_grad or any(isinstance(x, torch.Tensor) and x.requires_grad for x in call.params.values())
+    """True when :func:`_chunked` runs on the C++ kernel for this call (it then takes the call whole): forward
+    and backward, but for rates that need gradients (the kernel takes them as constants)."""
+    grad = any(isinstance(call.params.get(t), torch.Tensor) and call.params[t].requires_grad for _, t in RATES)
     return _native.unsupported(call.device, compute_dtype(call.dtype), grad) is None
 
 
@@ -228,10 +230,10 @@ def _native_chunked(call: Call, q, k, v, W, S, G, pos0: int):
     B, H, L, _ = q.shape
     b = call.params["chunk_size"]
     full = lambda x: x.expand(B, H, *x.shape[-2:])  # noqa: E731
-    ws = [torch.stack([full(w), full(s)], 2) for w, s in zip(W, S)]  # fresh: updated in place
-    g = [full(x).clone(memory_format=torch.contiguous_format) for x in G] if b > 1 else []
+    ws = [torch.stack([full(w), full(s)], 2) for w, s in zip(W, S)]
+    g = [full(x) for x in G] if b > 1 else []
     co = _run_coefficients(call, q.dtype, pos0, L)
-    out = _native.memory_chunks(q, k, v, ws, g, co, b, pos0, call.params["activation"])
+    out, ws, g = _native.memory_chunks(q, k, v, ws, g, co, b, pos0, call.params["activation"])
     W, S = [x[:, :, 0] for x in ws], [x[:, :, 1] for x in ws]
     return out, W, S, (W if (pos0 + L) % b == 0 else g)
 
@@ -333,7 +335,8 @@ register(Mechanism(
     params=PARAMS,
     impls=forms({"chunked": "chunked form: per chunk, gradients at the chunk-start weights and the momentum/"
                             "forgetting recurrences as (C x C) products; retrieval as masked matmuls (no per-token "
-                            "weights); on CPU without autograd a C++ kernel per (batch, head), weights in cache",
+                            "weights); on CPU a C++ kernel per (batch, head), weights in cache, with a backward "
+                            "kernel (rates that need gradients take the PyTorch path)",
                  "parallel": "the reference: chunk after chunk with every token's weights materialized"}),
     check_params=_check,
     examples=(

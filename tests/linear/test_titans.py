@@ -13,7 +13,7 @@ from torch.func import grad
 import attnlab
 from attnlab import memory as mem
 from attnlab import native
-from kernel_paths import same_segments
+from kernel_paths import graph_nodes, kernel_and_pytorch_gradients, same_segments, segments
 from attnlab.entries.titans import memory_as_context
 from attnlab.reference import attention
 
@@ -366,3 +366,50 @@ def test_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, para
         assert torch.equal(bad.isnan(), M(q, k, v, causal=True, **params).isnan())
     start = 20 - 20 % params.get("chunk_size", 16)
     assert bad[0, 1, 20:].isnan().all() and not bad[0, 1, :start].isnan().any() and not bad[1].isnan().any()
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("params", [
+    {},
+    {"depth": 1, "chunk_size": 5, "theta": 0.3, "eta": 0.5, "alpha": 0.1},
+    {"depth": 3, "hidden": 5, "activation": "gelu", "chunk_size": 7, "qk_norm": False, "per_token": True},
+    {"chunk_size": 1, "activation": "tanh", "hidden": 6, "eta": 0.0, "alpha": 0.0},
+])
+def test_chunked_form_trains_on_the_cpp_kernel(dtype, tol, params):
+    """The kernel's backward (MemoryChunksBackward) gives the PyTorch path's gradients of q, k, v and the learned
+    initial weights, over segments that start and end inside chunks with the state's gradient carried between
+    them (the loss reads the final state too); per-token rates that need no gradient are the kernel's constants."""
+    params = dict(params)
+    L, B, H, D, Dv = 41, 2, 3, 8, 6
+    g = torch.Generator().manual_seed(7)
+    if params.pop("per_token", False):
+        params.update(theta_t=0.02 * torch.rand(1, H, L, generator=g, dtype=torch.float64).to(dtype),
+                      eta_t=torch.rand(B, 1, L, generator=g, dtype=torch.float64).to(dtype),
+                      alpha_t=0.3 * torch.rand(B, H, L, generator=g, dtype=torch.float64).to(dtype))
+    dims = mem.layer_dims(D, Dv, params.get("depth", 2), params.get("hidden") or 4 * D)
+    init = (0.3 * torch.randn(H, mem.param_count(dims), generator=g, dtype=torch.float64)).to(dtype)
+    q, k, v = (x.to(dtype) for x in qkv(B=B, H=H, L=L, D=D, Dv=Dv, seed=4))
+    weights = torch.randn(B, H, L, Dv, generator=g, dtype=torch.float64).to(dtype)
+    cuts = (0, 3, 4, 11, 16, 30, L)
+
+    def run():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, init)]
+        out, state = segments(M, *leaves[:3], cuts, ("theta_t", "eta_t", "alpha_t"), init_weights=leaves[3], **params)
+        loss = (out * weights).sum() + sum(t.square().sum() for t in state.tensors.values())
+        return [out.detach(), *torch.autograd.grad(loss, leaves)], graph_nodes(out.grad_fn)
+
+    kernel_and_pytorch_gradients(run, "MemoryChunksBackward", tol, times=len(cuts) - 1)
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+def test_rates_that_need_gradients_take_the_pytorch_path():
+    """A per-token rate with requires_grad is a constant to the kernel, so such a call trains on the PyTorch path;
+    its gradient is the parallel form's."""
+    q, k, v = qkv(B=1, H=2, L=19, D=4, Dv=4, seed=2)
+    theta = (0.05 * torch.rand(1, 2, 19, dtype=torch.float64)).requires_grad_()
+    out = M(q, k, v, causal=True, impl="chunked", chunk_size=4, theta_t=theta)
+    assert "MemoryChunksBackward" not in graph_nodes(out.grad_fn)
+    got, = torch.autograd.grad(out.sum(), theta)
+    ref, = torch.autograd.grad(M(q, k, v, causal=True, impl="parallel", chunk_size=4, theta_t=theta).sum(), theta)
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
