@@ -110,34 +110,37 @@ bool walk(const T* q, const T* k, const T* v, const T* agents, T* r, T* Z, T* U,
 
 // The key logits s (m x n) of a chunk and its values vc (m x Dv) into the agents' softmax state: the
 // maxima r moved up (Z and U rescaled; `started` false: the first chunk sets them), Z += sum exp(s - r),
-// U += exp(s - r)^T vc. wt: n x m scratch.
+// U += exp(s - r)^T vc. s is overwritten with exp(s - r); every pass runs along the rows (over the
+// agents), the weights transposed once for the GEMM. wt: n x m scratch, mx: n.
 template <typename T>
-void absorb(const T* s, int64_t m, int64_t n, bool started, const T* vc, int64_t Dv, T* r, T* Z, T* U, T* wt) {
+void absorb(T* s, int64_t m, int64_t n, bool started, const T* vc, int64_t Dv, T* r, T* Z, T* U, T* wt, T* mx) {
+  std::copy(s, s + n, mx);
+  for (int64_t t = 1; t < m; ++t)
+    for (int64_t i = 0; i < n; ++i) mx[i] = std::max(mx[i], s[t * n + i]);
   for (int64_t i = 0; i < n; ++i) {
-    T mx = s[i];
-    for (int64_t t = 1; t < m; ++t) mx = std::max(mx, s[t * n + i]);
-    const T r1 = started ? std::max(r[i], mx) : mx, across = started ? std::exp(r[i] - r1) : T(0);
+    const T r1 = started ? std::max(r[i], mx[i]) : mx[i], across = started ? std::exp(r[i] - r1) : T(0);
     r[i] = r1;
     Z[i] *= across;
     for (int64_t d = 0; d < Dv; ++d) U[i * Dv + d] *= across;
-    for (int64_t t = 0; t < m; ++t) wt[i * m + t] = s[t * n + i] - r1;
   }
-  for (int64_t x = 0; x < n * m; ++x) wt[x] = std::exp(wt[x]);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t t = 0; t < m; ++t) Z[i] += wt[i * m + t];
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t i = 0; i < n; ++i) s[t * n + i] = std::exp(s[t * n + i] - r[i]);
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t i = 0; i < n; ++i) Z[i] += s[t * n + i];
+  attnlab::transpose(s, m, n, wt, m);
   attnlab::gemm(n, Dv, m, wt, m, vc, Dv, true, U, Dv);
 }
 
 // The agents' values V_A (n x Dv, into U) of one (batch, head): every key chunk absorbed, then U / Z.
 template <typename T>
 void agent_values(const T* k, const T* v, const T* At, int64_t Lk, int64_t D, int64_t Dv, int64_t n, int64_t C,
-                  T* s, T* wt, T* r, T* Z, T* U) {
+                  T* s, T* wt, T* r, T* Z, T* U, T* mx) {
   std::fill(Z, Z + n, T(0));
   std::fill(U, U + n * Dv, T(0));
   for (int64_t c0 = 0; c0 < Lk; c0 += C) {
     const int64_t m = std::min(C, Lk - c0);
     attnlab::gemm(m, n, D, k + c0 * D, D, At, n, false, s, n);
-    absorb(s, m, n, c0 > 0, v + c0 * Dv, Dv, r, Z, U, wt);
+    absorb(s, m, n, c0 > 0, v + c0 * Dv, Dv, r, Z, U, wt, mx);
   }
   for (int64_t i = 0; i < n; ++i)
     for (int64_t d = 0; d < Dv; ++d) U[i * Dv + d] /= Z[i];
@@ -149,11 +152,11 @@ template <typename T>
 void noncausal(const T* q, const T* k, const T* v, const T* agents, T* out, int64_t BH, int64_t Lq, int64_t Lk,
                int64_t D, int64_t Dv, int64_t n, int64_t C, T scale) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    attnlab::Buffer<T> At(D * n), s(C * n), wt(n * C), r(n), Z(n), U(n * Dv);
+    attnlab::Buffer<T> At(D * n), s(C * n), wt(n * C), r(n), Z(n), U(n * Dv), mx(n);
     for (int64_t bh = begin; bh < stop; ++bh) {
       scaled_agents(agents + bh * n * D, n, D, scale, At.data());
       agent_values(k + bh * Lk * D, v + bh * Lk * Dv, At.data(), Lk, D, Dv, n, C, s.data(), wt.data(), r.data(),
-                   Z.data(), U.data());
+                   Z.data(), U.data(), mx.data());
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {
         const int64_t m = std::min(C, Lq - c0);
         attnlab::gemm(m, n, D, q + (bh * Lq + c0) * D, D, At.data(), n, false, s.data(), n);
@@ -184,7 +187,7 @@ void noncausal_back(const T* q, const T* k, const T* v, const T* agents, const T
                     int64_t BH, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t n, int64_t C, T scale) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
     attnlab::Buffer<T> At(D * n), As(n * D), s(C * n), g(C * n), st(n * C), r(n), Z(n), U(n * Dv), Ut(Dv * n),
-        dU(n * Dv), dUt(Dv * n), c(n);
+        dU(n * Dv), dUt(Dv * n), c(n), mx(n);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const T* a = agents + bh * n * D;
       scaled_agents(a, n, D, scale, At.data());
@@ -193,7 +196,7 @@ void noncausal_back(const T* q, const T* k, const T* v, const T* agents, const T
       std::fill(dah, dah + n * D, T(0));
       std::fill(dU.begin(), dU.end(), T(0));
       agent_values(k + bh * Lk * D, v + bh * Lk * Dv, At.data(), Lk, D, Dv, n, C, s.data(), st.data(), r.data(),
-                   Z.data(), U.data());  // V_A, as the forward
+                   Z.data(), U.data(), mx.data());  // V_A, as the forward
       attnlab::transpose(U.data(), n, Dv, Ut.data(), n);
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {  // the queries
         const int64_t m = std::min(C, Lq - c0);
