@@ -339,25 +339,35 @@ def test_mac_bad_arguments():
         memory_as_context(q, k, v, segment=4, window=2, theta=-1.0)
 
 
-@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-@pytest.mark.parametrize("params", [
+#: Memories the C++ kernel's tests run: ``per_token`` asks for per-token rates (:func:`kernel_params`).
+KERNEL_CASES = [
     {},
     {"depth": 1, "chunk_size": 5, "theta": 0.3, "eta": 0.5, "alpha": 0.1},
     {"depth": 3, "hidden": 5, "activation": "gelu", "chunk_size": 7, "qk_norm": False, "per_token": True},
     {"chunk_size": 1, "activation": "tanh", "hidden": 6, "eta": 0.0, "alpha": 0.0},
-])
+]
+
+
+def kernel_params(params, B, H, L, dtype, g):
+    """A case of KERNEL_CASES as call parameters: with ``per_token``, rates per token broadcast over the batch
+    (θ), the heads (η) or neither (α)."""
+    params = dict(params)
+    if params.pop("per_token", False):
+        params.update(theta_t=0.02 * torch.rand(1, H, L, generator=g, dtype=torch.float64).to(dtype),
+                      eta_t=torch.rand(B, 1, L, generator=g, dtype=torch.float64).to(dtype),
+                      alpha_t=0.3 * torch.rand(B, H, L, generator=g, dtype=torch.float64).to(dtype))
+    return params
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("params", KERNEL_CASES)
 def test_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, params):
     """The C++ kernel equals the PyTorch path (the kernels turned off), output and
     state, over segments that start and end inside chunks; per-token rates broadcast over batch or heads; a NaN
     key makes the same outputs NaN on both paths."""
-    params = dict(params)
     L, B, H = 41, 2, 3
-    if params.pop("per_token", False):
-        g = torch.Generator().manual_seed(5)
-        params.update(theta_t=0.02 * torch.rand(1, H, L, generator=g, dtype=torch.float64).to(dtype),
-                      eta_t=torch.rand(B, 1, L, generator=g, dtype=torch.float64).to(dtype),
-                      alpha_t=0.3 * torch.rand(B, H, L, generator=g, dtype=torch.float64).to(dtype))
+    params = kernel_params(params, B, H, L, dtype, torch.Generator().manual_seed(5))
     q, k, v = (x.to(dtype) for x in qkv(B=B, H=H, L=L, D=8, Dv=6, seed=3))
     same_segments(M, q, k, v, (0, 3, 4, 11, 16, 30, L), tol, ("theta_t", "eta_t", "alpha_t"), **params)
     k[0, 1, 20, 2] = float("nan")  # spreads from its chunk's start on (0 · NaN in the masked products), both paths
@@ -370,23 +380,14 @@ def test_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, para
 
 @pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("params", [
-    {},
-    {"depth": 1, "chunk_size": 5, "theta": 0.3, "eta": 0.5, "alpha": 0.1},
-    {"depth": 3, "hidden": 5, "activation": "gelu", "chunk_size": 7, "qk_norm": False, "per_token": True},
-    {"chunk_size": 1, "activation": "tanh", "hidden": 6, "eta": 0.0, "alpha": 0.0},
-])
+@pytest.mark.parametrize("params", KERNEL_CASES)
 def test_chunked_form_trains_on_the_cpp_kernel(dtype, tol, params):
     """The kernel's backward (MemoryChunksBackward) gives the PyTorch path's gradients of q, k, v and the learned
     initial weights, over segments that start and end inside chunks with the state's gradient carried between
     them (the loss reads the final state too); per-token rates that need no gradient are the kernel's constants."""
-    params = dict(params)
     L, B, H, D, Dv = 41, 2, 3, 8, 6
     g = torch.Generator().manual_seed(7)
-    if params.pop("per_token", False):
-        params.update(theta_t=0.02 * torch.rand(1, H, L, generator=g, dtype=torch.float64).to(dtype),
-                      eta_t=torch.rand(B, 1, L, generator=g, dtype=torch.float64).to(dtype),
-                      alpha_t=0.3 * torch.rand(B, H, L, generator=g, dtype=torch.float64).to(dtype))
+    params = kernel_params(params, B, H, L, dtype, g)
     dims = mem.layer_dims(D, Dv, params.get("depth", 2), params.get("hidden") or 4 * D)
     init = (0.3 * torch.randn(H, mem.param_count(dims), generator=g, dtype=torch.float64)).to(dtype)
     q, k, v = (x.to(dtype) for x in qkv(B=B, H=H, L=L, D=D, Dv=Dv, seed=4))
