@@ -108,39 +108,37 @@ bool walk(const T* q, const T* k, const T* v, const T* agents, T* r, T* Z, T* U,
   return ok;
 }
 
-// The key logits s (m x n) of a chunk and its values vc (m x Dv) into the agents' softmax state: the
-// maxima r moved up (Z and U rescaled; `started` false: the first chunk sets them), Z += sum exp(s - r),
-// U += exp(s - r)^T vc. s is overwritten with exp(s - r); every pass runs along the rows (over the
-// agents), the weights transposed once for the GEMM. wt: n x m scratch, mx: n.
+// A chunk's key logits st (n x m: agents x keys) and its values vc (m x Dv) into the agents' softmax state:
+// the maxima r moved up (Z and U rescaled; `started` false: the first chunk sets them), Z += sum exp(st - r),
+// U += exp(st - r) vc. st is overwritten with exp(st - r); every pass runs along an agent's keys.
 template <typename T>
-void absorb(T* s, int64_t m, int64_t n, bool started, const T* vc, int64_t Dv, T* r, T* Z, T* U, T* wt, T* mx) {
-  std::copy(s, s + n, mx);
-  for (int64_t t = 1; t < m; ++t)
-    for (int64_t i = 0; i < n; ++i) mx[i] = std::max(mx[i], s[t * n + i]);
+void absorb(T* st, int64_t m, int64_t n, bool started, const T* vc, int64_t Dv, T* r, T* Z, T* U) {
   for (int64_t i = 0; i < n; ++i) {
-    const T r1 = started ? std::max(r[i], mx[i]) : mx[i], across = started ? std::exp(r[i] - r1) : T(0);
+    T* row = st + i * m;
+    T mx = row[0];
+    for (int64_t t = 1; t < m; ++t) mx = std::max(mx, row[t]);
+    const T r1 = started ? std::max(r[i], mx) : mx, across = started ? std::exp(r[i] - r1) : T(0);
     r[i] = r1;
     Z[i] *= across;
     for (int64_t d = 0; d < Dv; ++d) U[i * Dv + d] *= across;
+    T sum = 0;
+    for (int64_t t = 0; t < m; ++t) sum += (row[t] = std::exp(row[t] - r1));
+    Z[i] += sum;
   }
-  for (int64_t t = 0; t < m; ++t)
-    for (int64_t i = 0; i < n; ++i) s[t * n + i] = std::exp(s[t * n + i] - r[i]);
-  for (int64_t t = 0; t < m; ++t)
-    for (int64_t i = 0; i < n; ++i) Z[i] += s[t * n + i];
-  attnlab::transpose(s, m, n, wt, m);
-  attnlab::gemm(n, Dv, m, wt, m, vc, Dv, true, U, Dv);
+  attnlab::gemm(n, Dv, m, st, m, vc, Dv, true, U, Dv);
 }
 
-// The agents' values V_A (n x Dv, into U) of one (batch, head): every key chunk absorbed, then U / Z.
+// The agents' values V_A (n x Dv, into U) of one (batch, head): every key chunk absorbed, then U / Z. As: the
+// scaled agents (n x D); the logits come agents by keys (As K^T: a GEMM m wide, not n).
 template <typename T>
-void agent_values(const T* k, const T* v, const T* At, int64_t Lk, int64_t D, int64_t Dv, int64_t n, int64_t C,
-                  T* s, T* wt, T* r, T* Z, T* U, T* mx) {
+void agent_values(const T* k, const T* v, const T* As, int64_t Lk, int64_t D, int64_t Dv, int64_t n, int64_t C,
+                  T* st, T* r, T* Z, T* U) {
   std::fill(Z, Z + n, T(0));
   std::fill(U, U + n * Dv, T(0));
   for (int64_t c0 = 0; c0 < Lk; c0 += C) {
     const int64_t m = std::min(C, Lk - c0);
-    attnlab::gemm(m, n, D, k + c0 * D, D, At, n, false, s, n);
-    absorb(s, m, n, c0 > 0, v + c0 * Dv, Dv, r, Z, U, wt, mx);
+    attnlab::blas_gemm(true, n, m, D, As, D, k + c0 * D, D, st, m);
+    absorb(st, m, n, c0 > 0, v + c0 * Dv, Dv, r, Z, U);
   }
   for (int64_t i = 0; i < n; ++i)
     for (int64_t d = 0; d < Dv; ++d) U[i * Dv + d] /= Z[i];
@@ -152,11 +150,12 @@ template <typename T>
 void noncausal(const T* q, const T* k, const T* v, const T* agents, T* out, int64_t BH, int64_t Lq, int64_t Lk,
                int64_t D, int64_t Dv, int64_t n, int64_t C, T scale) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    attnlab::Buffer<T> At(D * n), s(C * n), wt(n * C), r(n), Z(n), U(n * Dv), mx(n);
+    attnlab::Buffer<T> At(D * n), As(n * D), s(C * n), wt(n * C), r(n), Z(n), U(n * Dv);
     for (int64_t bh = begin; bh < stop; ++bh) {
       scaled_agents(agents + bh * n * D, n, D, scale, At.data());
-      agent_values(k + bh * Lk * D, v + bh * Lk * Dv, At.data(), Lk, D, Dv, n, C, s.data(), wt.data(), r.data(),
-                   Z.data(), U.data(), mx.data());
+      for (int64_t x = 0; x < n * D; ++x) As[x] = scale * agents[bh * n * D + x];
+      agent_values(k + bh * Lk * D, v + bh * Lk * Dv, As.data(), Lk, D, Dv, n, C, wt.data(), r.data(), Z.data(),
+                   U.data());
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {
         const int64_t m = std::min(C, Lq - c0);
         attnlab::gemm(m, n, D, q + (bh * Lq + c0) * D, D, At.data(), n, false, s.data(), n);
@@ -187,7 +186,7 @@ void noncausal_back(const T* q, const T* k, const T* v, const T* agents, const T
                     int64_t BH, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t n, int64_t C, T scale) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
     attnlab::Buffer<T> At(D * n), As(n * D), s(C * n), g(C * n), st(n * C), r(n), Z(n), U(n * Dv), Ut(Dv * n),
-        dU(n * Dv), dUt(Dv * n), c(n), mx(n);
+        dU(n * Dv), dUt(Dv * n), c(n);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const T* a = agents + bh * n * D;
       scaled_agents(a, n, D, scale, At.data());
@@ -195,8 +194,8 @@ void noncausal_back(const T* q, const T* k, const T* v, const T* agents, const T
       T* dah = da + bh * n * D;
       std::fill(dah, dah + n * D, T(0));
       std::fill(dU.begin(), dU.end(), T(0));
-      agent_values(k + bh * Lk * D, v + bh * Lk * Dv, At.data(), Lk, D, Dv, n, C, s.data(), st.data(), r.data(),
-                   Z.data(), U.data(), mx.data());  // V_A, as the forward
+      agent_values(k + bh * Lk * D, v + bh * Lk * Dv, As.data(), Lk, D, Dv, n, C, st.data(), r.data(), Z.data(),
+                   U.data());  // V_A, as the forward
       attnlab::transpose(U.data(), n, Dv, Ut.data(), n);
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {  // the queries
         const int64_t m = std::min(C, Lq - c0);
