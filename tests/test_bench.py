@@ -18,7 +18,7 @@ import torch
 import attnlab
 from attnlab import bench
 from attnlab.bench import cases as bcases
-from attnlab.bench import flops, presets, runner
+from attnlab.bench import flops, presets
 from attnlab.bench.store import SCHEMA_VERSION, Store
 from attnlab.patterns.blocks import RUNS
 
@@ -82,21 +82,6 @@ def test_rows_land_in_the_store_with_run_metadata(basic):
         assert m["time_median_s"]["value"] == pytest.approx(sorted(c["samples"]["time_s"]["values"])[0] / 2 +
                                                              sorted(c["samples"]["time_s"]["values"])[1] / 2)
         assert ("saved_tensor_bytes" in m) == (c["direction"] == "fwdbwd")
-        assert 1 <= m["calls_per_sample"]["value"] <= runner.MAX_BURST
-    # these tiny calls take well under MIN_SAMPLE_S: samples are bursts of back-to-back calls (the burst is sized
-    # by the first call here, --warmup 0, which may include building masks)
-    assert max(c["measurements"]["calls_per_sample"]["value"] for c in cases) > 1
-
-
-def test_short_calls_are_timed_in_bursts():
-    """A sample lasts at least MIN_SAMPLE_S: a call of a tenth of it is timed ten at a time, a long one alone,
-    a decoding step STEP_BURST at a time; a sample is the mean per call."""
-    assert runner._burst("fwd", runner.MIN_SAMPLE_S / 10) == 10
-    assert runner._burst("fwdbwd", 2 * runner.MIN_SAMPLE_S) == 1
-    assert runner._burst("fwd", 0.0) == runner.MAX_BURST
-    assert runner._burst("step", 1.0) == runner.STEP_BURST
-    calls = []
-    assert runner._timed(lambda: calls.append(1), 7) >= 0 and len(calls) == 7
 
 
 def test_saved_tensor_bytes_are_exact(basic):

@@ -7,11 +7,8 @@ One case, in this order (all in the running process, inputs seeded per case):
 2. **first call**, timed alone as ``first_call_s``: it includes building block masks and, for
    FlexAttention, ``torch.compile`` (unless ``ATTNLAB_FLEX_COMPILE=0``); the next call is
    recorded as ``second_call_s`` (it should compile nothing: compare it with the median);
-3. ``warmup`` calls left out of the statistics, then ``repeats`` samples timed with ``time.perf_counter``:
-   median, quartiles, min and max (the raw samples are stored), tokens/s = ``B * Lq / median``. A
-   sample is one call, or for calls shorter than :data:`MIN_SAMPLE_S` the mean of a burst of
-   back-to-back calls (``calls_per_sample``; as ``torch.utils.benchmark``'s ``blocked_autorange``
-   does), so a millisecond call is not timed mostly by the machine's fixed per-call costs;
+3. ``warmup`` calls left out of the statistics, then ``repeats`` calls timed with ``time.perf_counter``:
+   median, quartiles, min and max (the raw samples are stored), tokens/s = ``B * Lq / median``;
 4. one more call for memory (:mod:`attnlab.bench.memory`);
 5. the exact count of unmasked pairs and effective FLOPs (:mod:`attnlab.bench.flops`; linear-family
    entries count their own), GFLOP/s = effective FLOPs / median, and ``gemm_peak_fraction`` =
@@ -57,7 +54,6 @@ against L (:func:`slopes`) and CAB's efficiency lengths (:func:`efficiency_lengt
 from __future__ import annotations
 
 import json
-import math
 import signal
 import threading
 import time
@@ -341,29 +337,6 @@ def _step(direction: str, forward, q, k, v, dout):
 #: A ``step`` sample is the mean of this many back-to-back decoding steps on the same state (decoding
 #: runs them back to back; a single step after the paired baseline would time a cache the baseline evicted).
 STEP_BURST = 32
-#: A sample of any other call lasts at least this long: shorter calls are timed as a burst of back-to-back
-#: calls (at most :data:`MAX_BURST`), the paired baseline's too. One call after another program (the paired
-#: baseline) or after idling pays fixed costs that a model's layer, called back to back, does not: on the
-#: 2-core KVM machine this project is developed on, a parallel region after 10 ms idle took 0.3-0.45 ms
-#: more than back to back (a 4 MB elementwise op: 49 us -> 300-450 us), which was half of a 1K-token
-#: linear-attention call.
-MIN_SAMPLE_S = 0.01
-MAX_BURST = 64
-
-
-def _burst(direction: str, seconds: float) -> int:
-    """Calls per timed sample for a call that took ``seconds`` warm."""
-    if direction == "step":
-        return STEP_BURST
-    return int(min(MAX_BURST, max(1, math.ceil(MIN_SAMPLE_S / max(seconds, 1e-9)))))
-
-
-def _timed(fn: Callable[[], Any], burst: int) -> float:
-    """Mean seconds per call of ``burst`` back-to-back calls of ``fn``."""
-    t0 = time.perf_counter()
-    for _ in range(burst):
-        fn()
-    return (time.perf_counter() - t0) / burst
 
 
 def _measure_calls(case: Case, settings: Settings, res: Result, dl: _Deadline, call, forward, q, k, v, dout,
@@ -383,14 +356,18 @@ def _measure_calls(case: Case, settings: Settings, res: Result, dl: _Deadline, c
             res.metrics["second_call_s"] = (time.perf_counter() - t0, "s")
         dl.check()
     dl.stage = "the timed repeats"
-    burst = _burst(case.direction, res.metrics.get("second_call_s", res.metrics["first_call_s"])[0])
-    res.metrics["calls_per_sample"] = (float(burst), "calls")
     if paired is not None:
-        paired_burst = _burst("fwd", _timed(paired, 1))  # warms the baseline too
+        paired()  # warm the baseline too
     for _ in range(settings.repeats):
         if paired is not None:
-            res.paired_samples.append(_timed(paired, paired_burst))
-        res.samples.append(_timed(step, burst))
+            t0 = time.perf_counter()
+            paired()
+            res.paired_samples.append(time.perf_counter() - t0)
+        burst = STEP_BURST if case.direction == "step" else 1
+        t0 = time.perf_counter()
+        for _ in range(burst):
+            step()
+        res.samples.append((time.perf_counter() - t0) / burst)
         if "second_call_s" not in res.metrics:
             res.metrics["second_call_s"] = (res.samples[-1], "s")
         dl.check()
