@@ -27,6 +27,7 @@ import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import native as _native
 from .reference import causal_mask, compute_dtype
@@ -268,6 +269,7 @@ class Chunks(torch.autograd.Function):
         return out, S, vsum
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dS, dvsum):
         q, k, v, S0, vsum0, lam, g, S, out = ctx.saved_tensors
         f = ctx.form
@@ -450,6 +452,7 @@ class NonCausal(torch.autograd.Function):
                                         rala_scale)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         f = ctx.form
         return (*_native.linear_noncausal_backward(*ctx.saved_tensors, dout, f.chunk, f.eps, f.feature, f.q_scale,

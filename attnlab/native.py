@@ -4,7 +4,8 @@ Kernels, each the fused form of mathematics that also exists in PyTorch here (an
 it); forward-only but for ``range_attention``, ``linear_chunks``, ``linear_noncausal``, ``aaren_scan``,
 ``rat_chunks``, ``rat_finals``, ``agent_noncausal`` and ``memory_chunks``, which have backward kernels
 (:class:`RangeAttention`, :class:`attnlab.linear.Chunks`, :class:`attnlab.linear.NonCausal`, :class:`AarenScan`,
-:class:`RatChunks`, :class:`RatFinals`, :class:`AgentNonCausal` and :class:`MemoryChunks`):
+:class:`RatChunks`, :class:`RatFinals`, :class:`AgentNonCausal` and :class:`MemoryChunks`; first derivatives
+only: a second one through them raises, torch's ``once_differentiable``, instead of coming out wrong):
 
 ``range_attention``  exact softmax attention where every query sees one or a few ranges of keys
                      (sliding windows, 1-D neighborhoods, causal, prefix-LM, documents, sinks
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _SOURCES = ("bindings.cpp", "ranges.cpp", "boxes.cpp", "linear_chunks.cpp", "linear_backward.cpp", "memory.cpp",
             "rat.cpp", "aaren.cpp", "agent.cpp")
@@ -172,6 +174,7 @@ class RangeAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, start, end, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout
@@ -350,6 +353,7 @@ class MemoryChunks(torch.autograd.Function):
         return (out, *ws, *g)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, *grads):
         d = ctx.depth
         q, k, v, *saved = ctx.saved_tensors
@@ -383,6 +387,7 @@ class RatFinals(torch.autograd.Function):
         return tuple(module().rat_finals(k, v, gk, gv, chunk))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_fk, d_fv):
         k, v, gk, gv = ctx.saved_tensors
         n = -(-k.shape[2] // ctx.chunk)
@@ -419,6 +424,7 @@ class RatChunks(torch.autograd.Function):
         return out, fin_k, fin_v, last_k, last_v
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, d_fin_k, d_fin_v, d_last_k, d_last_v):
         q, k, v, gk, gv, carry_k, carry_v, out, fin_k, fin_v, lse = ctx.saved_tensors
         zero = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
@@ -448,6 +454,7 @@ class AgentNonCausal(torch.autograd.Function):
         return module().agent_noncausal(q, k, v, agents, scale, chunk)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         return (*module().agent_noncausal_backward(*ctx.saved_tensors, dout, ctx.scale, ctx.chunk), None, None)
 
@@ -480,6 +487,7 @@ class AarenScan(torch.autograd.Function):
         return out, m, u, w
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, _dm, du, dw):
         query, k, v, out, trace, m0, u0 = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout

@@ -587,3 +587,26 @@ def test_backward_kernels_stay_finite_at_65536_tokens_in_bfloat16(name, causal):
     out.float().square().mean().backward()
     for t in (out, base.grad, k.grad, v.grad):
         assert t.dtype == torch.bfloat16 and bool(t.isfinite().all())
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+@pytest.mark.parametrize("name,kw", [("sliding_window", {"window": 4}), ("linear", {}), ("titans", {}),
+                                     ("rat", {}), ("agent", {"causal": False})])
+def test_backward_kernels_refuse_a_second_derivative(name, kw):
+    """The kernels' backwards are first derivatives only: differentiating a gradient through one (a gradient
+    penalty, a Hessian-vector product) raises torch's once_differentiable error instead of leaving that term out."""
+    from kernel_paths import graph_nodes
+
+    kw = {"causal": True, **kw}
+    q, k, v = (torch.randn(1, 2, 24, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = attnlab.mechanism(name)(q, k, v, **kw)
+    assert any(n.endswith("Backward") and n[:-8] in KERNEL_FUNCTIONS for n in graph_nodes(out.grad_fn))
+    dq, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    assert dq.requires_grad  # (without the mark: a constant, so a penalty on it would add nothing, silently)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (out.sum() + dq.square().sum()).backward()
+
+
+#: The autograd Functions around C++ backward kernels.
+KERNEL_FUNCTIONS = ("RangeAttention", "Chunks", "NonCausal", "MemoryChunks", "RatChunks", "RatFinals",
+                    "AgentNonCausal", "AarenScan")
