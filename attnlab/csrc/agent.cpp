@@ -21,11 +21,14 @@
 
 namespace {
 
-// At (D x n) = scale * A^T: the agents as the B operand of the logits GEMMs.
+// At (D x n) = scale * A^T: the agents as the B operand of the logits GEMMs; with As, also As (n x D) = scale * A
+// (the A operand of the agents-by-keys logits and of the logits' backward).
 template <typename T>
-void scaled_agents(const T* a, int64_t n, int64_t D, T scale, T* At) {
+void scaled_agents(const T* a, int64_t n, int64_t D, T scale, T* At, T* As = nullptr) {
   for (int64_t i = 0; i < n; ++i)
     for (int64_t d = 0; d < D; ++d) At[d * n + i] = scale * a[i * D + d];
+  if (As)
+    for (int64_t x = 0; x < n * D; ++x) As[x] = scale * a[x];
 }
 
 // Each of the m rows of p (n logits) -> its softmax over the agents, divided by z (m x n) when given.
@@ -152,8 +155,7 @@ void noncausal(const T* q, const T* k, const T* v, const T* agents, T* out, int6
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
     attnlab::Buffer<T> At(D * n), As(n * D), s(C * n), wt(n * C), r(n), Z(n), U(n * Dv);
     for (int64_t bh = begin; bh < stop; ++bh) {
-      scaled_agents(agents + bh * n * D, n, D, scale, At.data());
-      for (int64_t x = 0; x < n * D; ++x) As[x] = scale * agents[bh * n * D + x];
+      scaled_agents(agents + bh * n * D, n, D, scale, At.data(), As.data());
       agent_values(k + bh * Lk * D, v + bh * Lk * Dv, As.data(), Lk, D, Dv, n, C, wt.data(), r.data(), Z.data(),
                    U.data());
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {
@@ -189,8 +191,7 @@ void noncausal_back(const T* q, const T* k, const T* v, const T* agents, const T
         dU(n * Dv), dUt(Dv * n), c(n);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const T* a = agents + bh * n * D;
-      scaled_agents(a, n, D, scale, At.data());
-      for (int64_t x = 0; x < n * D; ++x) As[x] = scale * a[x];
+      scaled_agents(a, n, D, scale, At.data(), As.data());
       T* dah = da + bh * n * D;
       std::fill(dah, dah + n * D, T(0));
       std::fill(dU.begin(), dU.end(), T(0));
