@@ -326,13 +326,7 @@ def memory_chunks(q, k, v, ws: list, g: list, coefficients, chunk: int, pos0: in
         outs = MemoryChunks.apply(co, int(chunk), int(pos0), code, len(ws), q, k, v, *ws, *g)
         return outs[0], list(outs[1:1 + len(ws)]), list(outs[1 + len(ws):])
     ws, g = ([x.clone(memory_format=torch.contiguous_format) for x in xs] for xs in (ws, g))  # updated in place
-    return module().memory_chunks(q, k, v, ws, g, *co, int(chunk), int(pos0), code, []), ws, g
-
-
-def memory_runs(L: int, chunk: int, pos0: int) -> int:
-    """Runs of a segment of ``L`` tokens from position ``pos0``: the pieces between chunk boundaries."""
-    first = min(L, (-pos0) % chunk)
-    return (1 if first else 0) + -(-(L - first) // chunk)
+    return module().memory_chunks(q, k, v, ws, g, *co, int(chunk), int(pos0), code, False)[0], ws, g
 
 
 class MemoryChunks(torch.autograd.Function):
@@ -345,9 +339,7 @@ class MemoryChunks(torch.autograd.Function):
     def forward(ctx, co, chunk, pos0, code, depth, q, k, v, *weights):
         ws0, g0 = weights[:depth], [x.contiguous() for x in weights[depth:]]
         ws, g = ([x.clone(memory_format=torch.contiguous_format) for x in xs] for xs in (ws0, g0))
-        R = memory_runs(q.shape[2], chunk, pos0)
-        trace = [w.new_empty(w.shape[:2] + (R,) + w.shape[2:]) for w in ws]
-        out = module().memory_chunks(q, k, v, ws, g, *co, chunk, pos0, code, trace)
+        out, *trace = module().memory_chunks(q, k, v, ws, g, *co, chunk, pos0, code, True)
         ctx.save_for_backward(q, k, v, *trace, *g0)
         ctx.co, ctx.chunk, ctx.pos0, ctx.code, ctx.depth = co, chunk, pos0, code, depth
         return (out, *ws, *g)

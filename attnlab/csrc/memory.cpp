@@ -498,23 +498,27 @@ std::vector<P> pointers(const std::vector<torch::Tensor>& xs) {
 // when pos0 is inside a chunk and written when the segment ends inside a chunk it started (empty
 // when chunk == 1); keep_w, keep_s, from_s: (Bc, Hc, R, C); w_grad, s_grad: (Bc, Hc, R, C, C) for the
 // R runs of the segment or R = 1 for all (Bc in {1, B}, Hc in {1, H}); activation: 0 silu, 1 gelu, 2 tanh;
-// trace: none, or per layer a contiguous (B, H, R, 2, in, out) tensor that receives each run's starting
-// [W; S] (for memory_chunks_backward).
-torch::Tensor memory_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<torch::Tensor> ws,
-                            std::vector<torch::Tensor> g, torch::Tensor keep_w, torch::Tensor keep_s,
-                            torch::Tensor from_s, torch::Tensor w_grad, torch::Tensor s_grad, int64_t chunk,
-                            int64_t pos0, int64_t activation, std::vector<torch::Tensor> trace) {
+// traced: also return, per layer, the trace (B, H, R, 2, in, out): each run's starting [W; S] (for
+// memory_chunks_backward). Returns [out (B, H, L, Dv), trace...].
+std::vector<torch::Tensor> memory_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                         std::vector<torch::Tensor> ws, std::vector<torch::Tensor> g,
+                                         torch::Tensor keep_w, torch::Tensor keep_s, torch::Tensor from_s,
+                                         torch::Tensor w_grad, torch::Tensor s_grad, int64_t chunk, int64_t pos0,
+                                         int64_t activation, bool traced) {
   const std::vector<torch::Tensor> co{keep_w, keep_s, from_s, w_grad, s_grad};
   const Layers dims = check(q, k, v, ws, g, co, chunk, pos0, activation, false);
-  if (!trace.empty()) check(q, k, v, trace, g, co, chunk, pos0, activation, true);
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2);
-  auto out = torch::empty({B, H, L, v.size(3)}, q.options());
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), R = static_cast<int64_t>(runs_of(L, chunk, pos0).size());
+  std::vector<torch::Tensor> outs{torch::empty({B, H, L, v.size(3)}, q.options())};
+  if (traced)
+    for (int64_t l = 0; l < dims.depth(); ++l)
+      outs.push_back(torch::empty({B, H, R, 2, dims.in[l], dims.out[l]}, q.options()));
+  const std::vector<torch::Tensor> trace(outs.begin() + 1, outs.end());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "memory_chunks", [&] {
     using T = scalar_t;
     walk<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), pointers<T>(ws), pointers<T>(g), coef_of<T>(co, chunk),
-            dims, out.data_ptr<T>(), B, H, L, chunk, pos0, static_cast<int>(activation), pointers<T>(trace));
+            dims, outs[0].data_ptr<T>(), B, H, L, chunk, pos0, static_cast<int>(activation), pointers<T>(trace));
   });
-  return out;
+  return outs;
 }
 
 // The gradients of memory_chunks: trace as its forward filled it, g the chunk-start weights as given to it

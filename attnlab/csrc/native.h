@@ -30,10 +30,11 @@ torch::Tensor linear_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
                             double q_scale, c10::optional<torch::Tensor> centre, double centre_scale, int64_t count0,
                             bool reverse, bool strict, c10::optional<torch::Tensor> add_to);
 
-torch::Tensor memory_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<torch::Tensor> ws,
-                            std::vector<torch::Tensor> g, torch::Tensor keep_w, torch::Tensor keep_s,
-                            torch::Tensor from_s, torch::Tensor w_grad, torch::Tensor s_grad, int64_t chunk,
-                            int64_t pos0, int64_t activation, std::vector<torch::Tensor> trace);
+std::vector<torch::Tensor> memory_chunks(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                         std::vector<torch::Tensor> ws, std::vector<torch::Tensor> g,
+                                         torch::Tensor keep_w, torch::Tensor keep_s, torch::Tensor from_s,
+                                         torch::Tensor w_grad, torch::Tensor s_grad, int64_t chunk, int64_t pos0,
+                                         int64_t activation, bool traced);
 std::vector<torch::Tensor> memory_chunks_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                   std::vector<torch::Tensor> trace, std::vector<torch::Tensor> g,
                                                   torch::Tensor keep_w, torch::Tensor keep_s, torch::Tensor from_s,
