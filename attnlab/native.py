@@ -309,6 +309,11 @@ def linear_chunks_backward(q, k, v, state0: torch.Tensor, log_decay: Optional[to
                                                  bool(strict), final_state, bool(gates_grad)))
 
 
+def _writable(xs) -> list:
+    """Contiguous copies of ``xs`` for a kernel that updates its state in place (the caller's stay as they are)."""
+    return [x.clone(memory_format=torch.contiguous_format) for x in xs]
+
+
 def memory_chunks(q, k, v, ws: list, g: list, coefficients, chunk: int, pos0: int, activation: str):
     """Titans' memory over one causal segment (see :func:`attnlab.memory.chunk`), chunk after chunk per
     (batch, head) with the weights in cache. ``ws``: per layer the stacked ``[W; S]`` ``(B, H, 2, in, out)``;
@@ -325,7 +330,7 @@ def memory_chunks(q, k, v, ws: list, g: list, coefficients, chunk: int, pos0: in
     if recording(q, k, v, *ws, *g):
         outs = MemoryChunks.apply(co, int(chunk), int(pos0), code, len(ws), q, k, v, *ws, *g)
         return outs[0], list(outs[1:1 + len(ws)]), list(outs[1 + len(ws):])
-    ws, g = ([x.clone(memory_format=torch.contiguous_format) for x in xs] for xs in (ws, g))  # updated in place
+    ws, g = _writable(ws), _writable(g)
     return module().memory_chunks(q, k, v, ws, g, *co, int(chunk), int(pos0), code, False)[0], ws, g
 
 
@@ -338,7 +343,7 @@ class MemoryChunks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, co, chunk, pos0, code, depth, q, k, v, *weights):
         ws0, g0 = weights[:depth], [x.contiguous() for x in weights[depth:]]
-        ws, g = ([x.clone(memory_format=torch.contiguous_format) for x in xs] for xs in (ws0, g0))
+        ws, g = _writable(ws0), _writable(g0)
         out, *trace = module().memory_chunks(q, k, v, ws, g, *co, chunk, pos0, code, True)
         ctx.save_for_backward(q, k, v, *trace, *g0)
         ctx.co, ctx.chunk, ctx.pos0, ctx.code, ctx.depth = co, chunk, pos0, code, depth
@@ -459,7 +464,7 @@ def aaren_scan(query, k, v, m, u, w, scale: float, causal: bool):
     records."""
     if recording(query, k, v, m, u, w):
         return AarenScan.apply(query, k, v, m, u, w, float(scale), bool(causal))
-    m, u, w = (x.clone(memory_format=torch.contiguous_format) for x in (m, u, w))  # updated in place
+    m, u, w = _writable((m, u, w))
     return module().aaren_scan(query, k, v, m, u, w, float(scale), bool(causal), None), m, u, w
 
 
@@ -470,7 +475,7 @@ class AarenScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, k, v, m0, u0, w0, scale, causal):
-        m, u, w = (x.clone(memory_format=torch.contiguous_format) for x in (m0, u0, w0))
+        m, u, w = _writable((m0, u0, w0))
         trace = k.new_empty(*k.shape[:3], 2)  # each prefix's (max, sum) for the backward
         out = module().aaren_scan(query, k, v, m, u, w, float(scale), bool(causal), trace)
         ctx.save_for_backward(query, k, v, out, trace, m0, u0)
