@@ -12,7 +12,7 @@ One case, in this order (all in the running process, inputs seeded per case):
    sample is one call after the paired baseline (below), which evicts the caches: inputs come from
    memory at every length, so lengths compare alike (timing bursts of back-to-back calls instead kept
    a 1K sequence's 8 MB in the last-level cache and made chunked lightning's 32K tokens/s look 0.79x
-   its 1K rate, against 1.3x with cold inputs at both);
+   its 1K rate, against 1.3-1.5x with cold inputs at both);
 4. one more call for memory (:mod:`attnlab.bench.memory`);
 5. the exact count of unmasked pairs and effective FLOPs (:mod:`attnlab.bench.flops`; linear-family
    entries count their own), GFLOP/s = effective FLOPs / median, and ``gemm_peak_fraction`` =
