@@ -9,6 +9,8 @@
 // which is o_t = sum_a p_ta V_A^(t)_a with V_A^(t) the agents' softmax over the keys up to t. z_ta can
 // only be tiny when a later key of the chunk carries a logit far above every earlier one; when some z
 // falls below exp(-RANGE) the call reports it and the caller takes the per-chunk PyTorch form.
+// The non-causal form (agent_noncausal, forward and backward) absorbs every key into the same state
+// online, then reads it out to the queries.
 #include "native.h"
 #include "simd.h"
 #include <ATen/Parallel.h>

@@ -116,8 +116,6 @@ void add_key_sums(const T* kt, int64_t F, int64_t n, T* S, int64_t Ds, int64_t D
   }
 }
 
-// The per-head log decay (H) and the log gates expanded to (B, H, L, F|1), in dtype dt and contiguous,
-// as the linear kernels read them; undefined where not given (at most one of the two).
 // RALA's logits l_t = qbar . phi(k_t) of n mapped keys (n x F) into `logit`; returns their maximum.
 template <typename T>
 T rala_logits(const T* mapped, int64_t n, int64_t F, const T* qbar, T* logit) {
@@ -152,6 +150,8 @@ void rala_weigh(T* mapped, int64_t n, int64_t F, const T* qbar, T* logit, T& M, 
   }
 }
 
+// The per-head log decay (H) and the log gates expanded to (B, H, L, F|1), in dtype dt and contiguous,
+// as the linear kernels read them; undefined where not given (at most one of the two).
 inline std::pair<torch::Tensor, torch::Tensor> decay_and_gates(const c10::optional<torch::Tensor>& log_decay,
                                                                const c10::optional<torch::Tensor>& log_gates,
                                                                at::ScalarType dt, int64_t B, int64_t H, int64_t L,

@@ -426,10 +426,6 @@ void walk_backward(const T* q, const T* k, const T* v, const std::vector<const T
   });
 }
 
-}  // namespace
-
-namespace {
-
 // The shared checks of memory_chunks and its backward (q, k, v made contiguous): the layers' sizes from ws
 // (per layer (B, H, 2, in, out), or (B, H, R, 2, in, out) with `traced`).
 Layers check(torch::Tensor& q, torch::Tensor& k, torch::Tensor& v, const std::vector<torch::Tensor>& ws,

@@ -1,5 +1,5 @@
 // attnlab's CPU kernels (forward; range_attention, linear_chunks, linear_noncausal, aaren_scan,
-// rat_chunks, rat_finals and agent_noncausal also backward):
+// rat_chunks, rat_finals, agent_noncausal and memory_chunks also backward):
 // declarations shared by the kernels and the bindings.
 #pragma once
 #include <ATen/native/CPUBlas.h>
