@@ -423,40 +423,42 @@ def bidirectional(fq, fk, v, *, chunk: int, log_decay=None, log_gates=None, q_sc
 
 
 def noncausal_fused(q, k, v, *, chunk: int = 64, feature: str = "identity", q_scale: float = 1.0,
-                    normalize_eps: Optional[float] = None, feature_dim: int = 0, rala_scale: float = 0.0):
+                    normalize_eps: Optional[float] = None, feature_dim: int = 0, rala_scale: float = 0.0,
+                    centred: bool = False):
     """:func:`noncausal` without decay on the C++ kernel (:func:`attnlab.native.linear_noncausal`): the
     feature map applied there chunk by chunk (times ``q_scale`` on the queries; with ``rala_scale`` RALA's
     key weights), the state then the read-out, normalized with ``normalize_eps`` (``num / (den + eps)``,
-    no ones column appended; forward and backward: :class:`NonCausal`). None when the kernel does not serve
-    the call."""
+    no ones column appended) or ``centred`` (InLine's ``φ(q) q_scale (S - z ūᵀ) + ū``); forward and
+    backward: :class:`NonCausal`. None when the kernel does not serve the call."""
     if q.dtype != k.dtype or q.dtype != v.dtype:
         return None
     if _recorded((q, k, v)):  # forward and backward on the C++ kernels
-        return NonCausal.apply(q, k, v, Form(chunk, feature, feature_dim, q_scale, normalize_eps), rala_scale)
+        return NonCausal.apply(q, k, v, Form(chunk, feature, feature_dim, q_scale, normalize_eps), rala_scale, centred)
     if not _native.serves(q, k, v):
         return None
-    return _native.linear_noncausal(q, k, v, chunk, normalize_eps, feature, q_scale, feature_dim, rala_scale)
+    return _native.linear_noncausal(q, k, v, chunk, normalize_eps, feature, q_scale, feature_dim, rala_scale, centred)
 
 
 class NonCausal(torch.autograd.Function):
     """:func:`noncausal_fused` on the C++ kernels, forward and backward
     (:func:`attnlab.native.linear_noncausal_backward`: the keys' state again, the queries' gradients and
-    the state's, then the keys'; with RALA's weights, their softmax's gradient and the global query's).
-    ``apply(q, k, v, form, rala_scale) -> out`` (``form`` a :class:`Form`)."""
+    the state's, then the keys'; with RALA's weights, their softmax's gradient and the global query's;
+    centred, the mean value's and the key sums' share). ``apply(q, k, v, form, rala_scale, centred) -> out``
+    (``form`` a :class:`Form`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, form: Form, rala_scale: float):
+    def forward(ctx, q, k, v, form: Form, rala_scale: float, centred: bool):
         ctx.save_for_backward(q, k, v)
-        ctx.form, ctx.rala_scale = form, rala_scale
+        ctx.form, ctx.extra = form, (rala_scale, centred)
         return _native.linear_noncausal(q, k, v, form.chunk, form.eps, form.feature, form.q_scale, form.feature_dim,
-                                        rala_scale)
+                                        rala_scale, centred)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         f = ctx.form
         return (*_native.linear_noncausal_backward(*ctx.saved_tensors, dout, f.chunk, f.eps, f.feature, f.q_scale,
-                                                   f.feature_dim, ctx.rala_scale), None, None)
+                                                   f.feature_dim, *ctx.extra), None, None, None)
 
 
 def noncausal(fq, fk, v, *, log_decay=None, recurrent: bool = False, chunk: int = 64) -> torch.Tensor:

@@ -17,7 +17,8 @@ only: a second one through them raises, torch's ``once_differentiable``, instead
                      one gate per token or GLA's per-channel gates; the normalizer or InLine's
                      centred finish), walking the chunks of each (batch, head) with the state in
                      cache and applying elementwise or Taylor feature maps chunk by chunk.
-``linear_noncausal`` the non-causal form without decay: the keys' state, then the queries' read-out.
+``linear_noncausal`` the non-causal form without decay: the keys' state, then the queries' read-out
+                     (raw, normalized, RALA's key weights or InLine's centred form).
 ``rat_chunks``       RAT's causal chunked form: each (batch, head) scans its tokens' gated summaries
                      and attends to the finished chunks' finals and its own summary in one pass
                      (``rat_finals``: the chunks' final summaries alone, for the non-causal form).
@@ -509,25 +510,28 @@ def map_features(x: torch.Tensor, feature: str, feature_dim: int = 0) -> torch.T
 
 
 def linear_noncausal(q, k, v, chunk: int, normalize_eps: Optional[float] = None, feature: str = "identity",
-                     q_scale: float = 1.0, feature_dim: int = 0, rala_scale: float = 0.0) -> torch.Tensor:
+                     q_scale: float = 1.0, feature_dim: int = 0, rala_scale: float = 0.0,
+                     centred: bool = False) -> torch.Tensor:
     """Non-causal linear attention without decay (see :func:`attnlab.linear.noncausal`; cross attention
     too): ``φ(q) · q_scale`` against ``φ(k)`` (with ``rala_scale > 0`` each key weighted by RALA's
     ``softmax_j(rala_scale · q̄·φ(k_j))``, :mod:`attnlab.entries.rala`),
-    ``φ`` one of :data:`LINEAR_FEATURES` applied chunk by chunk; the raw output, or with
-    ``normalize_eps`` ``num / (den + eps)``."""
+    ``φ`` one of :data:`LINEAR_FEATURES` applied chunk by chunk; the raw output ``φ(q) S``, with
+    ``normalize_eps`` ``num / (den + eps)``, or ``centred`` InLine's ``φ(q) (S - z ūᵀ) + ū``
+    (:mod:`attnlab.entries.inline`; ``z = Σ φ(k)``, ``ū`` the mean value)."""
     eps = None if normalize_eps is None else float(normalize_eps)
     return module().linear_noncausal(q, k, v, int(chunk), eps, LINEAR_FEATURES.index(feature),
-                                     int(feature_dim), float(q_scale), float(rala_scale))
+                                     int(feature_dim), float(q_scale), float(rala_scale), bool(centred))
 
 
 def linear_noncausal_backward(q, k, v, dout: torch.Tensor, chunk: int, normalize_eps: Optional[float] = None,
                               feature: str = "identity", q_scale: float = 1.0, feature_dim: int = 0,
-                              rala_scale: float = 0.0):
-    """The gradients ``(dq, dk, dv)`` of :func:`linear_noncausal` (RALA's weights too) for the output's
-    gradient ``dout`` (:class:`attnlab.linear.NonCausal`)."""
+                              rala_scale: float = 0.0, centred: bool = False):
+    """The gradients ``(dq, dk, dv)`` of :func:`linear_noncausal` (RALA's weights, InLine's centring too) for
+    the output's gradient ``dout`` (:class:`attnlab.linear.NonCausal`)."""
     eps = None if normalize_eps is None else float(normalize_eps)
     return tuple(module().linear_noncausal_backward(q, k, v, dout, int(chunk), eps, LINEAR_FEATURES.index(feature),
-                                                    int(feature_dim), float(q_scale), float(rala_scale)))
+                                                    int(feature_dim), float(q_scale), float(rala_scale),
+                                                    bool(centred)))
 
 
 def main() -> int:

@@ -466,26 +466,33 @@ def test_linear_chunks_backward_of_the_centred_form(dtype, tol):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
 @pytest.mark.parametrize("feature", K.FEATURES)
-@pytest.mark.parametrize("normalized,Lk", [(True, 150), (False, 150), (True, 97)])
-def test_linear_noncausal_backward_equals_autograd_of_the_pytorch_form(dtype, tol, feature, normalized, Lk):
+@pytest.mark.parametrize("mode,Lk", [("normalized", 150), ("raw", 150), ("normalized", 97), ("centred", 150),
+                                     ("centred", 97)])
+def test_linear_noncausal_backward_equals_autograd_of_the_pytorch_form(dtype, tol, feature, mode, Lk):
     """:class:`attnlab.linear.NonCausal`'s backward kernel (features mapped and the normalizer divided
-    inside; cross lengths) against autograd through mapping, ``φq (φkᵀ [v, 1])`` and the division."""
+    inside; cross lengths) against autograd through mapping, ``φq (φkᵀ [v, 1])`` and the division; centred,
+    through InLine's ``φq (φkᵀ v - z ūᵀ) + ū``, whose mean value and key sums reach every key and value."""
     B, H, Lq, D, Dv, d, eps = 2, 3, 150, 8, 5, 3, 1e-3
     g = torch.Generator().manual_seed(11)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
     q, k = rnd(B, H, Lq, D), rnd(B, H, Lk, D)
+    normalized = mode == "normalized"
     if normalized and feature in ("identity", "relu"):  # positive features: a denominator away from 0
         q, k = q.abs(), k.abs()
     leaves = [t.requires_grad_() for t in (q, k, rnd(B, H, Lk, Dv))]
-    scale = 1.0 if feature in ("elu+1", "taylor") or not normalized else 0.6
+    scale = 1.0 if feature in ("elu+1", "taylor") and normalized else 0.6
     eps_given = eps if normalized else None
 
     def fn(q, k, v):
         out = K.noncausal_fused(q, k, v, chunk=16, feature=feature, q_scale=scale, normalize_eps=eps_given,
-                                feature_dim=d)
+                                feature_dim=d, centred=mode == "centred")
         if out is None:  # the kernels turned off: the PyTorch form
             fq, fk = K.feature_map(feature, q, d) * scale, K.feature_map(feature, k, d)
-            out = K.finish(K.noncausal(fq, fk, K.with_ones(v, normalized)), normalized, eps)
+            if mode == "centred":
+                ubar = v.mean(2, keepdim=True)
+                out = fq @ (fk.transpose(-1, -2) @ v - fk.sum(2)[..., None] * ubar) + ubar
+            else:
+                out = K.finish(K.noncausal(fq, fk, K.with_ones(v, normalized)), normalized, eps)
         return (out,)
 
     _close(*_grads_both_paths(fn, leaves, [rnd(B, H, Lq, Dv)]), tol)
@@ -546,11 +553,12 @@ def test_linear_chunks_read_backwards_equal_the_flipped_causal_form(dtype, tol, 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("feature", K.FEATURES)
-@pytest.mark.parametrize("mode", ["raw", "normalized", "rala"])
+@pytest.mark.parametrize("mode", ["raw", "normalized", "rala", "centred"])
 def test_linear_noncausal_equals_the_pytorch_form(dtype, tol, feature, mode):
     """The non-causal kernel (cross lengths, a remainder chunk) against mapping in PyTorch and the two GEMMs
     of :func:`attnlab.linear.noncausal`; RALA's weights (softmax over the keys of q̄·φ(k), q̄ the mean query
-    feature) against their definition; the feature maps alone (NaN kept)."""
+    feature) against their definition; InLine's centred form ``num - den ū + ū``; the feature maps alone
+    (NaN kept)."""
     q, k, v = _qkv(2, 3, 3, 70, 150, 8, 6, dtype, seed=8)
     fq, fk = (K.feature_map(feature, x.clone().requires_grad_(), 4).detach() for x in (q, k))  # PyTorch maps
     weights = torch.ones(fk.shape[:3], dtype=dtype)
@@ -558,9 +566,11 @@ def test_linear_noncausal_equals_the_pytorch_form(dtype, tol, feature, mode):
         weights = torch.softmax(0.3 * (fq.mean(2, keepdim=True) @ fk.transpose(-1, -2))[:, :, 0], -1)
     num = (0.5 * fq) @ ((fk * weights[..., None]).transpose(-1, -2) @ v)
     den = (0.5 * fq) @ (fk * weights[..., None]).sum(2)[..., None]
-    want = num if mode == "raw" else num / (den + 1e-3)
-    got = native.linear_noncausal(q, k, v, 16, None if mode == "raw" else 1e-3, feature, 0.5, 4,
-                                  0.3 if mode == "rala" else 0.0)  # RALA's q̄ is the mean of φ(q), before q_scale
+    ubar = v.mean(2, keepdim=True)
+    want = {"raw": num, "centred": num - den * ubar + ubar}.get(mode, num / (den + 1e-3))
+    got = native.linear_noncausal(q, k, v, 16, None if mode in ("raw", "centred") else 1e-3, feature, 0.5, 4,
+                                  0.3 if mode == "rala" else 0.0,  # RALA's q̄ is the mean of φ(q), before q_scale
+                                  centred=mode == "centred")
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     x = q.clone()
     x[0, 1, 3, 2] = float("nan")

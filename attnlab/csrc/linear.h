@@ -116,6 +116,24 @@ void add_key_sums(const T* kt, int64_t F, int64_t n, T* S, int64_t Ds, int64_t D
   }
 }
 
+// sum += the n rows (n x D, contiguous) of x.
+template <typename T>
+void add_rows(const T* x, int64_t n, int64_t D, T* sum) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t d = 0; d < D; ++d) sum[d] += x[t * D + d];
+}
+
+// InLine's centred state (the non-causal form): with `mean` holding the sum of the Lk values on entry
+// (divided here: their mean u), S[f][x] -= z[f] u[x] for the F rows of S (row stride Ds), z[f] read at
+// z + f * zs (the key sums: S's normalizer column, zs = Ds, or a vector, zs = 1).
+template <typename T>
+void centre_state(T* S, int64_t F, int64_t Dv, int64_t Ds, const T* z, int64_t zs, T* mean, int64_t Lk) {
+  const T inv = T(1) / T(std::max<int64_t>(Lk, 1));
+  for (int64_t x = 0; x < Dv; ++x) mean[x] *= inv;
+  for (int64_t f = 0; f < F; ++f)
+    for (int64_t x = 0; x < Dv; ++x) S[f * Ds + x] -= z[f * zs] * mean[x];
+}
+
 // RALA's logits l_t = qbar . phi(k_t) of n mapped keys (n x F) into `logit`; returns their maximum.
 template <typename T>
 T rala_logits(const T* mapped, int64_t n, int64_t F, const T* qbar, T* logit) {

@@ -1,5 +1,5 @@
 // Backward of the causal chunked linear form (linear_chunks, read forwards or backwards; and of
-// linear_noncausal, RALA's weights included, at the end). Per (batch, head), one sweep recomputes
+// linear_noncausal, RALA's weights and InLine's centring included, at the end). Per (batch, head), one sweep recomputes
 // the state before every chunk (one GEMM per chunk, the states kept: L/C x F x Ds floats), then the
 // chunks are walked backwards with the state's gradient dS' (of the state after the chunk) in cache.
 // The feature map is applied to each chunk as it is read, and its backward to dQ and dK at the end
@@ -373,15 +373,18 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
 // dl_j = a_j (da_j - c) with c = sum_j a_j da_j = <dS, S> + <dz, z>, dphi(k_j) = a_j dk'_j + dl_j qbar, and
 // sums dqbar = sum_j dl_j phi(k_j); the queries' dphi(q) are kept until then, and a last pass adds
 // dqbar rala_scale / Lq to each before the feature map's backward.
+// InLine (centred, o = phi(Q) S_c + ubar with S_c = S - z ubar^T): the queries' pass is the raw one on S_c
+// (dS_c = sum phi(q)^T dout), and S_c's dependence on z and ubar gives dz = -dS_c ubar (so dphi(k_j) =
+// dS_c (v_j - ubar)) and every dv_j the share (sum_i dout_i - dS_c^T z) / Lk of ubar's gradient.
 template <typename T>
 void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv, int64_t BH,
                         int64_t Lq, int64_t Lk, int64_t Din, int64_t F, int64_t Dv, int64_t C, int feature,
-                        int64_t taylor_dim, T q_scale, bool normalize, T eps, T rala_scale) {
+                        int64_t taylor_dim, T q_scale, bool normalize, T eps, T rala_scale, bool centred) {
   const bool rala = rala_scale > 0;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
     attnlab::Buffer<T> S(F * Dv), St(Dv * F), z(F), dS(F * Dv), dSt(Dv * F), dz(F), mapped(C * F), mt(F * C),
         num(C * Dv), dn(C * Dv), dd(C), dphi(C * F), qbar(F), dqbar(F), a(C), phik(rala ? C * F : 0),
-        dphiq(rala ? Lq * F : 0);
+        dphiq(rala ? Lq * F : 0), ubar(centred ? Dv : 0), dubar(centred ? Dv : 0);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const T* qh = q + bh * Lq * Din;
       const T* kh = k + bh * Lk * Din;
@@ -390,6 +393,8 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
       std::fill(z.begin(), z.end(), T(0));
       std::fill(dS.begin(), dS.end(), T(0));
       std::fill(dz.begin(), dz.end(), T(0));
+      std::fill(ubar.begin(), ubar.end(), T(0));
+      std::fill(dubar.begin(), dubar.end(), T(0));
       T M = 0, Z = 0;  // RALA: the logits' maximum and the sum of exp(l - M)
       if (rala) {
         std::fill(qbar.begin(), qbar.end(), T(0));
@@ -410,7 +415,9 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
         attnlab::gemm(F, Dv, n, mt.data(), n, vh + c0 * Dv, Dv, true, S.data(), Dv);
         for (int64_t f = 0; f < F; ++f)
           for (int64_t t = 0; t < n; ++t) z[f] += mt[f * n + t];
+        if (centred) attnlab::add_rows(vh + c0 * Dv, n, Dv, ubar.data());
       }
+      if (centred) attnlab::centre_state(S.data(), F, Dv, Dv, z.data(), 1, ubar.data(), Lk);
       if (rala) {  // the softmax's division: S and z of the keys a_j phi(k_j)
         for (auto& x : S) x /= Z;
         for (auto& x : z) x /= Z;
@@ -421,6 +428,7 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
         const T* g = dout + (bh * Lq + c0) * Dv;
         attnlab::feature_map(qh + c0 * Din, n, Din, F, feature, taylor_dim, q_scale, mapped.data());
         const T* dnum = g;
+        if (centred) attnlab::add_rows(g, n, Dv, dubar.data());
         if (normalize) {
           attnlab::gemm(n, Dv, F, mapped.data(), F, S.data(), Dv, false, num.data(), Dv);
           for (int64_t t = 0; t < n; ++t) {
@@ -451,6 +459,19 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
             for (int64_t t = 0; t < n; ++t) dz[f] += mt[f * n + t] * dd[t];
       }
       attnlab::transpose(dS.data(), F, Dv, dSt.data(), F);
+      if (centred) {  // dz = -dS ubar; ubar's gradient sum_i dout_i - dS^T z, shared by the Lk values
+        const T share = T(1) / T(std::max<int64_t>(Lk, 1));
+        for (int64_t f = 0; f < F; ++f) {
+          T d = 0;
+          for (int64_t x = 0; x < Dv; ++x) d += dS[f * Dv + x] * ubar[x];
+          dz[f] = -d;
+        }
+        for (int64_t x = 0; x < Dv; ++x) {
+          T d = dubar[x];
+          for (int64_t f = 0; f < F; ++f) d -= dS[f * Dv + x] * z[f];
+          dubar[x] = d * share;
+        }
+      }
       T c = 0;  // RALA: sum_j a_j da_j
       if (rala) {
         for (int64_t x = 0; x < F * Dv; ++x) c += dS[x] * S[x];
@@ -467,9 +488,13 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
             for (int64_t f = 0; f < F; ++f) mapped[t * F + f] *= a[t];
           }
         }
-        attnlab::gemm(n, Dv, F, mapped.data(), F, dS.data(), Dv, false, dv + (bh * Lk + c0) * Dv, Dv);
+        T* dvc = dv + (bh * Lk + c0) * Dv;
+        attnlab::gemm(n, Dv, F, mapped.data(), F, dS.data(), Dv, false, dvc, Dv);
+        if (centred)
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t x = 0; x < Dv; ++x) dvc[t * Dv + x] += dubar[x];
         attnlab::gemm(n, F, Dv, vh + c0 * Dv, Dv, dSt.data(), F, false, dphi.data(), F);
-        if (normalize)
+        if (normalize || centred)
           for (int64_t t = 0; t < n; ++t)
             for (int64_t f = 0; f < F; ++f) dphi[t * F + f] += dz[f];
         if (rala)
@@ -595,17 +620,19 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
 }
 
 // The gradients (dq, dk, dv) of linear_noncausal (q (B, H, Lq, Din), k (B, H, Lk, Din), v (B, H, Lk, Dv);
-// RALA's weights with rala_scale > 0) for dout (B, H, Lq, Dv).
+// RALA's weights with rala_scale > 0, InLine's centring with centred) for dout (B, H, Lq, Dv).
 std::vector<torch::Tensor> linear_noncausal_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                      torch::Tensor dout, int64_t chunk,
                                                      c10::optional<double> normalize_eps, int64_t feature,
-                                                     int64_t taylor_dim, double q_scale, double rala_scale) {
+                                                     int64_t taylor_dim, double q_scale, double rala_scale,
+                                                     bool centred) {
   const auto n = attnlab::noncausal_sizes(q, k, v);
   const int64_t B = n[0], H = n[1], Lq = n[2], Din = n[3], Lk = n[4], Dv = n[5];
   const auto dt = q.scalar_type();
   TORCH_CHECK(dout.scalar_type() == dt, "dout's dtype differs from q's");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
   TORCH_CHECK(rala_scale <= 0 || normalize_eps.has_value(), "RALA's weights need the normalizer");
+  TORCH_CHECK(!centred || (!normalize_eps.has_value() && rala_scale <= 0), "centred takes no normalizer or RALA");
   TORCH_CHECK(dout.dim() == 4 && dout.size(0) == B && dout.size(1) == H && dout.size(2) == Lq && dout.size(3) == Dv,
               "dout must be (B, H, Lq, Dv)");
   const int64_t F = attnlab::feature_count(feature, taylor_dim, Din);
@@ -620,7 +647,7 @@ std::vector<torch::Tensor> linear_noncausal_backward(torch::Tensor q, torch::Ten
                           dk.data_ptr<T>(), dv.data_ptr<T>(), B * H, Lq, Lk, Din, F, Dv, chunk,
                           static_cast<int>(feature),
                           taylor_dim, static_cast<T>(q_scale), normalize_eps.has_value(),
-                          static_cast<T>(normalize_eps.value_or(0.0)), static_cast<T>(rala_scale));
+                          static_cast<T>(normalize_eps.value_or(0.0)), static_cast<T>(rala_scale), centred);
   });
   return {dq, dk, dv};
 }

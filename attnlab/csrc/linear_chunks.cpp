@@ -218,16 +218,19 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
 // RALA (rala_scale > 0): the weights are a_j = softmax_j(rala_scale qbar . phi(k_j)), qbar = the mean of
 // phi(q_i), from a first pass over the queries; the softmax runs online (S and its sum Z rescaled
 // when the maximum grows) and its division is folded into the normalizer: num / (den + eps Z).
+// InLine (centred): O = phi(Q) (S - z ubar^T) + ubar, z = the sum of phi(k), ubar = the mean value (the
+// keys' pass sums both; the state is centred once, before the read-out; q_scale carries InLine's scale / Lk).
 template <typename T>
 void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t Lq, int64_t Lk,
                int64_t Din, int64_t F, int64_t Dv, int64_t C, bool normalize, T eps, int feature, int64_t taylor_dim,
-               T q_scale, T rala_scale) {
-  const int64_t Ds = Dv + (normalize ? 1 : 0);
+               T q_scale, T rala_scale, bool centred) {
+  const int64_t Ds = Dv + (normalize || centred ? 1 : 0);
   const bool rala = rala_scale > 0;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    attnlab::Buffer<T> S(F * Ds), mapped(C * F), kt(F * C), qbar(F), logit(C);
+    attnlab::Buffer<T> S(F * Ds), mapped(C * F), kt(F * C), qbar(F), logit(C), ubar(centred ? Dv : 0);
     for (int64_t bh = begin; bh < stop; ++bh) {
       std::fill(S.begin(), S.end(), T(0));
+      std::fill(ubar.begin(), ubar.end(), T(0));
       T M = 0, Z = 0;  // RALA: the logits' running maximum and the sum of exp(logit - M) (empty: Z = 0)
       if (rala) {
         std::fill(qbar.begin(), qbar.end(), T(0));
@@ -245,8 +248,10 @@ void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t L
         if (rala) attnlab::rala_weigh(mapped.data(), n, F, qbar.data(), logit.data(), M, Z, {{S.data(), F * Ds}});
         attnlab::transpose(mapped.data(), n, F, kt.data(), n);
         attnlab::gemm(F, Dv, n, kt.data(), n, v + (bh * Lk + c0) * Dv, Dv, true, S.data(), Ds);
-        if (normalize) attnlab::add_key_sums(kt.data(), F, n, S.data(), Ds, Dv);
+        if (normalize || centred) attnlab::add_key_sums(kt.data(), F, n, S.data(), Ds, Dv);
+        if (centred) attnlab::add_rows(v + (bh * Lk + c0) * Dv, n, Dv, ubar.data());
       }
+      if (centred) attnlab::centre_state(S.data(), F, Dv, Ds, S.data() + Dv, Ds, ubar.data(), Lk);
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {
         const int64_t n = std::min(C, Lq - c0);
         attnlab::feature_map(q + (bh * Lq + c0) * Din, n, Din, F, feature, taylor_dim, q_scale, mapped.data());
@@ -259,6 +264,9 @@ void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t L
             const T inv = T(1) / (d + (rala ? eps * Z : eps));
             for (int64_t x = 0; x < Dv; ++x) oc[t * Dv + x] *= inv;
           }
+        if (centred)
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t x = 0; x < Dv; ++x) oc[t * Dv + x] += ubar[x];
       }
     }
     attnlab::gemm_done();
@@ -290,11 +298,13 @@ torch::Tensor map_features(torch::Tensor x, int64_t feature, int64_t taylor_dim)
 
 // Non-causal linear attention without decay (cross attention too): q (B, H, Lq, Din), k (B, H, Lk, Din)
 // mapped by `feature` (q also times q_scale), v (B, H, Lk, Dv); with rala_scale > 0 each key weighted by
-// RALA's softmax computed here. Returns the raw output, or with normalize_eps num / (den + eps).
+// RALA's softmax computed here. Returns the raw output, with normalize_eps num / (den + eps), or with
+// centred InLine's phi(q) (S - z ubar^T) + ubar.
 torch::Tensor linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t chunk,
                                c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,
-                               double q_scale, double rala_scale) {
+                               double q_scale, double rala_scale, bool centred) {
   TORCH_CHECK(rala_scale <= 0 || normalize_eps.has_value(), "RALA's weights need the normalizer");
+  TORCH_CHECK(!centred || (!normalize_eps.has_value() && rala_scale <= 0), "centred takes no normalizer or RALA");
   const auto n = attnlab::noncausal_sizes(q, k, v);
   const int64_t B = n[0], H = n[1], Lq = n[2], Din = n[3], Lk = n[4], Dv = n[5];
   const auto dt = q.scalar_type();
@@ -308,7 +318,7 @@ torch::Tensor linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v
     using T = scalar_t;
     noncausal<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(), B * H, Lq, Lk, Din, F, Dv, chunk,
                  normalize_eps.has_value(), static_cast<T>(normalize_eps.value_or(0.0)), static_cast<int>(feature),
-                 taylor_dim, static_cast<T>(q_scale), static_cast<T>(rala_scale));
+                 taylor_dim, static_cast<T>(q_scale), static_cast<T>(rala_scale), centred);
   });
   return out;
 }

@@ -79,11 +79,12 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
 std::vector<torch::Tensor> linear_noncausal_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                      torch::Tensor dout, int64_t chunk,
                                                      c10::optional<double> normalize_eps, int64_t feature,
-                                                     int64_t taylor_dim, double q_scale, double rala_scale);
+                                                     int64_t taylor_dim, double q_scale, double rala_scale,
+                                                     bool centred);
 
 torch::Tensor linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t chunk,
                                c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,
-                               double q_scale, double rala_scale);
+                               double q_scale, double rala_scale, bool centred);
 
 torch::Tensor map_features(torch::Tensor x, int64_t feature, int64_t taylor_dim);
 

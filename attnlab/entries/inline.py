@@ -152,9 +152,12 @@ def _chunked(call: Call, q, k, v, state):
     W = _weights(call, fq.dtype)
     L = k.shape[2]
     if not call.causal:  # the finish folded into the state: scale/N (φq S - (φq z) ū) + ū = φq S' + ū
-        ubar = vv.mean(2, keepdim=True)
-        centred = (call.scale / L) * (fk.transpose(-1, -2) @ vv - fk.sum(2)[..., None] * ubar)
-        out = fq @ centred + ubar
+        out = K.noncausal_fused(fq, fk, vv, chunk=call.params["chunk_size"], q_scale=call.scale / max(L, 1),
+                                centred=True)  # on the C++ kernel, forward and backward
+        if out is None:
+            ubar = vv.mean(2, keepdim=True)
+            centred = (call.scale / L) * (fk.transpose(-1, -2) @ vv - fk.sum(2)[..., None] * ubar)
+            out = fq @ centred + ubar
         if W is not None:
             out = out + local_term(W, vv, torch.arange(q.shape[2], device=q.device) + (L - q.shape[2]), False)
         return out.to(v.dtype), None

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import attnlab
+from attnlab import native
+from kernel_paths import graph_nodes, kernel_and_pytorch_gradients, same_noncausal
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -153,6 +155,28 @@ def test_gqa_local_weights_per_kv_head():
     for impl in IMPLS:
         torch.testing.assert_close(m(q, k, v, local_weights=W, impl=impl),
                                    m(q, rep(k), rep(v), local_weights=rep(W), impl="parallel"), atol=1e-12, rtol=0)
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("fmap,Lq,local", [("identity", 150, False), ("relu", 70, True), ("exp", 150, True)])
+def test_noncausal_chunked_form_on_the_cpp_kernel_equals_the_pytorch_path(dtype, tol, fmap, Lq, local):
+    """Non-causal (cross lengths too, with a local term): the centred C++ kernel equals the PyTorch path (the
+    kernels turned off) and the parallel form, and so do its backward kernel's gradients (the mean value and
+    the key sums reach every key and value); a NaN key makes every row of its head NaN on both paths."""
+    m = attnlab.mechanism("inline")
+    q, k, v = (t.to(dtype) for t in qkv(B=2, H=3, L=150, D=8, Dv=6, Lq=Lq, seed=4))
+    params = {"feature_map": fmap, "chunk_size": 16, **({"local_weights": rnd(1, 3, 3, 6, seed=5).to(dtype)}
+                                                        if local else {})}
+    same_noncausal(m, q, k, v, tol, (1, 0, 40, 2), **params)
+    G = rnd(2, 3, Lq, 6, seed=6).to(dtype)
+
+    def grads():
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = m(*leaves, causal=False, **params)
+        return [out.detach(), *torch.autograd.grad((out * G).sum(), leaves)], graph_nodes(out.grad_fn)
+
+    kernel_and_pytorch_gradients(grads, "NonCausalBackward", 10 * tol)
 
 
 def test_bad_local_weights_raise_naming_them():
