@@ -83,17 +83,18 @@ def _check(call: Call) -> None:
                              f"[{float(g.min()):.3g}, {float(g.max()):.3g}]")
 
 
-def _gates(call: Call, k, dt):
-    """The forward and backward log gates in ``dt``, expanded to (B, H, Lk, Dk) (views)."""
+def _gates(call: Call, dt):
+    """The forward and backward log gates in ``dt``, as given: (B|1, H|1, Lk, Dk|1) (the kernel broadcasts
+    them; one gate per token stays one, its fast path)."""
     g, gb = (call.params.get(n) for n in ("log_gates", "log_gates_backward"))
-    g, gb = (None if x is None else x.to(dt).expand(k.shape) for x in (g, gb))
+    g, gb = (None if x is None else x.to(dt) for x in (g, gb))
     return g, (g if gb is None else gb)
 
 
 def _prep(call: Call, q, k, v):
-    """Queries scaled, everything in the accumulation dtype; gates expanded to (B, H, Lk, Dk)."""
+    """Queries scaled, everything in the accumulation dtype; gates expanded to (B, H, Lk, Dk) (views)."""
     dt = compute_dtype(q.dtype)
-    return (q.to(dt) * call.scale, k.to(dt), v.to(dt), *_gates(call, k, dt))
+    return (q.to(dt) * call.scale, k.to(dt), v.to(dt), *(x.expand(k.shape) for x in _gates(call, dt)))
 
 
 def _bidirectional(causal_form, fq, fk, v, g, gb):
@@ -119,7 +120,7 @@ def _chunked(call: Call, q, k, v, state: Optional[State]):
     C = call.params["chunk_size"]
     if not call.causal:
         dt = compute_dtype(q.dtype)  # ViG's ½ (fwd + bwd) and the scale as the kernel's factor on the queries
-        fast = K.bidirectional(q.to(dt), k.to(dt), v.to(dt), chunk=C, log_gates=_gates(call, k, dt),
+        fast = K.bidirectional(q.to(dt), k.to(dt), v.to(dt), chunk=C, log_gates=_gates(call, dt),
                                q_scale=0.5 * call.scale)
         if fast is not None:
             return fast.to(v.dtype), None
