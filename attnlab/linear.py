@@ -441,23 +441,25 @@ def noncausal_fused(q, k, v, *, chunk: int = 64, feature: str = "identity", q_sc
 
 class NonCausal(torch.autograd.Function):
     """:func:`noncausal_fused` on the C++ kernels, forward and backward
-    (:func:`attnlab.native.linear_noncausal_backward`: the keys' state again, the queries' gradients and
-    the state's, then the keys'; with RALA's weights, their softmax's gradient and the global query's;
-    centred, the mean value's and the key sums' share). ``apply(q, k, v, form, rala_scale, centred) -> out``
-    (``form`` a :class:`Form`)."""
+    (:func:`attnlab.native.linear_noncausal_backward`: from the forward's keys' state (a few floats per
+    head, saved) and, normalized, its output, the queries' gradients and the state's, then the keys'; with
+    RALA's weights, their softmax's gradient and the global query's; centred, the mean value's and the key
+    sums' share). ``apply(q, k, v, form, rala_scale, centred) -> out`` (``form`` a :class:`Form`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, form: Form, rala_scale: float, centred: bool):
-        ctx.save_for_backward(q, k, v)
+        out, saved = _native.linear_noncausal(q, k, v, form.chunk, form.eps, form.feature, form.q_scale,
+                                              form.feature_dim, rala_scale, centred, save=True)
+        ctx.save_for_backward(q, k, v, saved, out if form.eps is not None else None)  # o = num / den
         ctx.form, ctx.extra = form, (rala_scale, centred)
-        return _native.linear_noncausal(q, k, v, form.chunk, form.eps, form.feature, form.q_scale, form.feature_dim,
-                                        rala_scale, centred)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
+        q, k, v, saved, out = ctx.saved_tensors
         f = ctx.form
-        return (*_native.linear_noncausal_backward(*ctx.saved_tensors, dout, f.chunk, f.eps, f.feature, f.q_scale,
+        return (*_native.linear_noncausal_backward(q, k, v, dout, saved, out, f.chunk, f.eps, f.feature, f.q_scale,
                                                    f.feature_dim, *ctx.extra), None, None, None)
 
 

@@ -511,27 +511,33 @@ def map_features(x: torch.Tensor, feature: str, feature_dim: int = 0) -> torch.T
 
 def linear_noncausal(q, k, v, chunk: int, normalize_eps: Optional[float] = None, feature: str = "identity",
                      q_scale: float = 1.0, feature_dim: int = 0, rala_scale: float = 0.0,
-                     centred: bool = False) -> torch.Tensor:
+                     centred: bool = False, save: bool = False):
     """Non-causal linear attention without decay (see :func:`attnlab.linear.noncausal`; cross attention
     too): ``φ(q) · q_scale`` against ``φ(k)`` (with ``rala_scale > 0`` each key weighted by RALA's
     ``softmax_j(rala_scale · q̄·φ(k_j))``, :mod:`attnlab.entries.rala`),
     ``φ`` one of :data:`LINEAR_FEATURES` applied chunk by chunk; the raw output ``φ(q) S``, with
     ``normalize_eps`` ``num / (den + eps)``, or ``centred`` InLine's ``φ(q) (S - z ūᵀ) + ū``
-    (:mod:`attnlab.entries.inline`; ``z = Σ φ(k)``, ``ū`` the mean value)."""
+    (:mod:`attnlab.entries.inline`; ``z = Σ φ(k)``, ``ū`` the mean value). With ``save``, ``(out, saved)``:
+    ``saved`` the keys' state per (batch, head), which :func:`linear_noncausal_backward` takes instead of
+    building it again."""
     eps = None if normalize_eps is None else float(normalize_eps)
-    return module().linear_noncausal(q, k, v, int(chunk), eps, LINEAR_FEATURES.index(feature),
-                                     int(feature_dim), float(q_scale), float(rala_scale), bool(centred))
+    outs = module().linear_noncausal(q, k, v, int(chunk), eps, LINEAR_FEATURES.index(feature), int(feature_dim),
+                                     float(q_scale), float(rala_scale), bool(centred), bool(save))
+    return tuple(outs) if save else outs[0]
 
 
-def linear_noncausal_backward(q, k, v, dout: torch.Tensor, chunk: int, normalize_eps: Optional[float] = None,
-                              feature: str = "identity", q_scale: float = 1.0, feature_dim: int = 0,
-                              rala_scale: float = 0.0, centred: bool = False):
+def linear_noncausal_backward(q, k, v, dout: torch.Tensor, saved: torch.Tensor, out: Optional[torch.Tensor],
+                              chunk: int, normalize_eps: Optional[float] = None, feature: str = "identity",
+                              q_scale: float = 1.0, feature_dim: int = 0, rala_scale: float = 0.0,
+                              centred: bool = False):
     """The gradients ``(dq, dk, dv)`` of :func:`linear_noncausal` (RALA's weights, InLine's centring too) for
-    the output's gradient ``dout`` (:class:`attnlab.linear.NonCausal`)."""
+    the output's gradient ``dout`` (:class:`attnlab.linear.NonCausal`), from the forward's keys' state
+    ``saved`` (``save=True``) and, normalized, output ``out`` (else None): no pass over the keys to build the
+    state again."""
     eps = None if normalize_eps is None else float(normalize_eps)
     return tuple(module().linear_noncausal_backward(q, k, v, dout, int(chunk), eps, LINEAR_FEATURES.index(feature),
                                                     int(feature_dim), float(q_scale), float(rala_scale),
-                                                    bool(centred)))
+                                                    bool(centred), saved, out))
 
 
 def main() -> int:

@@ -134,6 +134,12 @@ void centre_state(T* S, int64_t F, int64_t Dv, int64_t Ds, const T* z, int64_t z
     for (int64_t x = 0; x < Dv; ++x) S[f * Ds + x] -= z[f * zs] * mean[x];
 }
 
+// The non-causal form's keys' state as its backward reads it, one record of noncausal_record(F, Dv)
+// floats per (batch, head), written by linear_noncausal's forward (so the backward has no keys' pass of
+// its own): S (F x Dv; centred for InLine, over Z for RALA), z (F, the key sums; over Z for RALA),
+// RALA's qbar (F), InLine's ubar (Dv), RALA's M and Z; zeros where the form has none.
+inline int64_t noncausal_record(int64_t F, int64_t Dv) { return F * Dv + 2 * F + Dv + 2; }
+
 // RALA's logits l_t = qbar . phi(k_t) of n mapped keys (n x F) into `logit`; returns their maximum.
 template <typename T>
 T rala_logits(const T* mapped, int64_t n, int64_t F, const T* qbar, T* logit) {

@@ -364,12 +364,13 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
 }
 
 // The non-causal form without decay (linear_noncausal): S = phi(K)^T V and z = the sum of phi(k),
-// o = phi(Q) S (/ (phi(Q) z + eps)). Three passes per (batch, head): the keys' S and z; the queries' dn, dd
-// (from num and den recomputed), dphi(q) = dn S^T + dd z^T and dS = sum phi(q)^T dn, dz = sum phi(q)^T dd;
-// the keys' dphi(k) = V dS^T + dz and dV = phi(K) dS.
+// o = phi(Q) S (/ (phi(Q) z + eps)). From the forward's S and z (`saved`, attnlab::noncausal_record) and
+// output `out`, two passes per (batch, head): the queries' dn = dout / den, dd = -(dout . o) / den,
+// dphi(q) = dn S^T + dd z^T and dS = sum phi(q)^T dn, dz = sum phi(q)^T dd; the keys' dphi(k) = V dS^T + dz
+// and dV = phi(K) dS.
 // RALA (rala_scale > 0, normalized): the keys are k'_j = a_j phi(k_j) with a_j = softmax_j(l_j), l_j =
-// qbar . phi(k_j), qbar = rala_scale mean_i phi(q_i) (a first pass over the queries; S and z built with
-// the online softmax, then divided by its sum). The keys' pass turns dk'_j into da_j = dk'_j . phi(k_j),
+// qbar . phi(k_j), qbar = rala_scale mean_i phi(q_i) (S and z, over the softmax's sum Z, qbar, the logits'
+// maximum M and Z come saved). The keys' pass turns dk'_j into da_j = dk'_j . phi(k_j),
 // dl_j = a_j (da_j - c) with c = sum_j a_j da_j = <dS, S> + <dz, z>, dphi(k_j) = a_j dk'_j + dl_j qbar, and
 // sums dqbar = sum_j dl_j phi(k_j); the queries' dphi(q) are kept until then, and a last pass adds
 // dqbar rala_scale / Lq to each before the feature map's backward.
@@ -377,52 +378,26 @@ void backward(const T* q, const T* k, const T* v, const T* lam, const T* gates, 
 // (dS_c = sum phi(q)^T dout), and S_c's dependence on z and ubar gives dz = -dS_c ubar (so dphi(k_j) =
 // dS_c (v_j - ubar)) and every dv_j the share (sum_i dout_i - dS_c^T z) / Lk of ubar's gradient.
 template <typename T>
-void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv, int64_t BH,
-                        int64_t Lq, int64_t Lk, int64_t Din, int64_t F, int64_t Dv, int64_t C, int feature,
-                        int64_t taylor_dim, T q_scale, bool normalize, T eps, T rala_scale, bool centred) {
+void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, const T* saved, const T* out, T* dq, T* dk,
+                        T* dv, int64_t BH, int64_t Lq, int64_t Lk, int64_t Din, int64_t F, int64_t Dv, int64_t C,
+                        int feature, int64_t taylor_dim, T q_scale, bool normalize, T eps, T rala_scale,
+                        bool centred) {
   const bool rala = rala_scale > 0;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    attnlab::Buffer<T> S(F * Dv), St(Dv * F), z(F), dS(F * Dv), dSt(Dv * F), dz(F), mapped(C * F), mt(F * C),
-        num(C * Dv), dn(C * Dv), dd(C), dphi(C * F), qbar(F), dqbar(F), a(C), phik(rala ? C * F : 0),
-        dphiq(rala ? Lq * F : 0), ubar(centred ? Dv : 0), dubar(centred ? Dv : 0);
+    attnlab::Buffer<T> St(Dv * F), dS(F * Dv), dSt(Dv * F), dz(F), mapped(C * F), mt(F * C), dn(C * Dv), dd(C),
+        dphi(C * F), dqbar(F), a(C), phik(rala ? C * F : 0), dphiq(rala ? Lq * F : 0), dubar(centred ? Dv : 0);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const T* qh = q + bh * Lq * Din;
       const T* kh = k + bh * Lk * Din;
       const T* vh = v + bh * Lk * Dv;
-      std::fill(S.begin(), S.end(), T(0));
-      std::fill(z.begin(), z.end(), T(0));
+      const T* S = saved + bh * attnlab::noncausal_record(F, Dv);  // the forward's keys' state
+      const T *z = S + F * Dv, *qbar = z + F, *ubar = qbar + F;
+      const T M = ubar[Dv], Z = ubar[Dv + 1];  // RALA: the logits' maximum and the sum of exp(l - M)
       std::fill(dS.begin(), dS.end(), T(0));
       std::fill(dz.begin(), dz.end(), T(0));
-      std::fill(ubar.begin(), ubar.end(), T(0));
       std::fill(dubar.begin(), dubar.end(), T(0));
-      T M = 0, Z = 0;  // RALA: the logits' maximum and the sum of exp(l - M)
-      if (rala) {
-        std::fill(qbar.begin(), qbar.end(), T(0));
-        std::fill(dqbar.begin(), dqbar.end(), T(0));
-        for (int64_t c0 = 0; c0 < Lq; c0 += C) {
-          const int64_t n = std::min(C, Lq - c0);
-          attnlab::feature_map(qh + c0 * Din, n, Din, F, feature, taylor_dim, rala_scale / T(Lq), mapped.data());
-          for (int64_t t = 0; t < n; ++t)
-            for (int64_t f = 0; f < F; ++f) qbar[f] += mapped[t * F + f];
-        }
-      }
-      for (int64_t c0 = 0; c0 < Lk; c0 += C) {  // the keys' state
-        const int64_t n = std::min(C, Lk - c0);
-        attnlab::feature_map(kh + c0 * Din, n, Din, F, feature, taylor_dim, T(1), mapped.data());
-        if (rala)
-          attnlab::rala_weigh(mapped.data(), n, F, qbar.data(), a.data(), M, Z, {{S.data(), F * Dv}, {z.data(), F}});
-        attnlab::transpose(mapped.data(), n, F, mt.data(), n);
-        attnlab::gemm(F, Dv, n, mt.data(), n, vh + c0 * Dv, Dv, true, S.data(), Dv);
-        for (int64_t f = 0; f < F; ++f)
-          for (int64_t t = 0; t < n; ++t) z[f] += mt[f * n + t];
-        if (centred) attnlab::add_rows(vh + c0 * Dv, n, Dv, ubar.data());
-      }
-      if (centred) attnlab::centre_state(S.data(), F, Dv, Dv, z.data(), 1, ubar.data(), Lk);
-      if (rala) {  // the softmax's division: S and z of the keys a_j phi(k_j)
-        for (auto& x : S) x /= Z;
-        for (auto& x : z) x /= Z;
-      }
-      attnlab::transpose(S.data(), F, Dv, St.data(), F);
+      std::fill(dqbar.begin(), dqbar.end(), T(0));
+      attnlab::transpose(S, F, Dv, St.data(), F);
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {  // the queries
         const int64_t n = std::min(C, Lq - c0);
         const T* g = dout + (bh * Lq + c0) * Dv;
@@ -430,16 +405,16 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
         const T* dnum = g;
         if (centred) attnlab::add_rows(g, n, Dv, dubar.data());
         if (normalize) {
-          attnlab::gemm(n, Dv, F, mapped.data(), F, S.data(), Dv, false, num.data(), Dv);
+          const T* o = out + (bh * Lq + c0) * Dv;  // num / den
           for (int64_t t = 0; t < n; ++t) {
             T den = eps, dot = 0;
             for (int64_t f = 0; f < F; ++f) den += mapped[t * F + f] * z[f];
             const T inv = T(1) / den;
             for (int64_t x = 0; x < Dv; ++x) {
               dn[t * Dv + x] = g[t * Dv + x] * inv;
-              dot += g[t * Dv + x] * num[t * Dv + x];
+              dot += g[t * Dv + x] * o[t * Dv + x];
             }
-            dd[t] = -dot * inv * inv;
+            dd[t] = -dot * inv;
           }
           dnum = dn.data();
         }
@@ -482,7 +457,7 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, T* dq
         attnlab::feature_map(kh + c0 * Din, n, Din, F, feature, taylor_dim, T(1), mapped.data());
         if (rala) {  // the weighted keys k'_j = a_j phi(k_j), phi(k) kept
           std::copy(mapped.data(), mapped.data() + n * F, phik.data());
-          attnlab::rala_logits(mapped.data(), n, F, qbar.data(), a.data());
+          attnlab::rala_logits(mapped.data(), n, F, qbar, a.data());
           for (int64_t t = 0; t < n; ++t) {
             a[t] = std::exp(a[t] - M) / Z;
             for (int64_t f = 0; f < F; ++f) mapped[t * F + f] *= a[t];
@@ -620,12 +595,14 @@ std::vector<torch::Tensor> linear_chunks_backward(torch::Tensor q, torch::Tensor
 }
 
 // The gradients (dq, dk, dv) of linear_noncausal (q (B, H, Lq, Din), k (B, H, Lk, Din), v (B, H, Lk, Dv);
-// RALA's weights with rala_scale > 0, InLine's centring with centred) for dout (B, H, Lq, Dv).
+// RALA's weights with rala_scale > 0, InLine's centring with centred) for dout (B, H, Lq, Dv); `saved`, the
+// forward's keys' state (linear_noncausal with save), and `out`, its output (the normalized form's; else None).
 std::vector<torch::Tensor> linear_noncausal_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                      torch::Tensor dout, int64_t chunk,
                                                      c10::optional<double> normalize_eps, int64_t feature,
                                                      int64_t taylor_dim, double q_scale, double rala_scale,
-                                                     bool centred) {
+                                                     bool centred, torch::Tensor saved,
+                                                     c10::optional<torch::Tensor> out) {
   const auto n = attnlab::noncausal_sizes(q, k, v);
   const int64_t B = n[0], H = n[1], Lq = n[2], Din = n[3], Lk = n[4], Dv = n[5];
   const auto dt = q.scalar_type();
@@ -640,13 +617,23 @@ std::vector<torch::Tensor> linear_noncausal_backward(torch::Tensor q, torch::Ten
   k = k.contiguous();
   v = v.contiguous();
   dout = dout.contiguous();
+  TORCH_CHECK(saved.scalar_type() == dt && saved.numel() == B * H * attnlab::noncausal_record(F, Dv),
+              "saved must be linear_noncausal's keys' state for these inputs (save=True)");
+  const bool normalize = normalize_eps.has_value();
+  torch::Tensor o;
+  if (normalize) {
+    TORCH_CHECK(out.has_value() && out->scalar_type() == dt && out->sizes() == dout.sizes(),
+                "the normalized form's backward needs the forward's output (out)");
+    o = out->contiguous();
+  }
+  saved = saved.contiguous();
   auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES(dt, "linear_noncausal_backward", [&] {
     using T = scalar_t;
-    noncausal_backward<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), dout.data_ptr<T>(), dq.data_ptr<T>(),
-                          dk.data_ptr<T>(), dv.data_ptr<T>(), B * H, Lq, Lk, Din, F, Dv, chunk,
-                          static_cast<int>(feature),
-                          taylor_dim, static_cast<T>(q_scale), normalize_eps.has_value(),
+    noncausal_backward<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), dout.data_ptr<T>(),
+                          saved.data_ptr<T>(), normalize ? o.data_ptr<T>() : nullptr,
+                          dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), B * H, Lq, Lk, Din, F, Dv, chunk,
+                          static_cast<int>(feature), taylor_dim, static_cast<T>(q_scale), normalize,
                           static_cast<T>(normalize_eps.value_or(0.0)), static_cast<T>(rala_scale), centred);
   });
   return {dq, dk, dv};

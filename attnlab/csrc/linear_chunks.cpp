@@ -220,8 +220,9 @@ void chunks(const T* q, const T* k, const T* v, const T* lam, const T* gates, in
 // when the maximum grows) and its division is folded into the normalizer: num / (den + eps Z).
 // InLine (centred): O = phi(Q) (S - z ubar^T) + ubar, z = the sum of phi(k), ubar = the mean value (the
 // keys' pass sums both; the state is centred once, before the read-out; q_scale carries InLine's scale / Lk).
+// `saved` (or null): the keys' state of every (batch, head) for the backward (attnlab::noncausal_record).
 template <typename T>
-void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t Lq, int64_t Lk,
+void noncausal(const T* q, const T* k, const T* v, T* out, T* saved, int64_t BH, int64_t Lq, int64_t Lk,
                int64_t Din, int64_t F, int64_t Dv, int64_t C, bool normalize, T eps, int feature, int64_t taylor_dim,
                T q_scale, T rala_scale, bool centred) {
   const int64_t Ds = Dv + (normalize || centred ? 1 : 0);
@@ -231,9 +232,9 @@ void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t L
     for (int64_t bh = begin; bh < stop; ++bh) {
       std::fill(S.begin(), S.end(), T(0));
       std::fill(ubar.begin(), ubar.end(), T(0));
+      std::fill(qbar.begin(), qbar.end(), T(0));
       T M = 0, Z = 0;  // RALA: the logits' running maximum and the sum of exp(logit - M) (empty: Z = 0)
       if (rala) {
-        std::fill(qbar.begin(), qbar.end(), T(0));
         for (int64_t c0 = 0; c0 < Lq; c0 += C) {
           const int64_t n = std::min(C, Lq - c0);
           attnlab::feature_map(q + (bh * Lq + c0) * Din, n, Din, F, feature, taylor_dim, rala_scale / T(Lq),
@@ -252,6 +253,19 @@ void noncausal(const T* q, const T* k, const T* v, T* out, int64_t BH, int64_t L
         if (centred) attnlab::add_rows(v + (bh * Lk + c0) * Dv, n, Dv, ubar.data());
       }
       if (centred) attnlab::centre_state(S.data(), F, Dv, Ds, S.data() + Dv, Ds, ubar.data(), Lk);
+      if (saved) {  // as the backward reads it: RALA's S and z over Z
+        T* r = saved + bh * attnlab::noncausal_record(F, Dv);
+        const T over = rala ? Z : T(1);
+        for (int64_t f = 0; f < F; ++f) {
+          for (int64_t x = 0; x < Dv; ++x) r[f * Dv + x] = S[f * Ds + x] / over;
+          r[F * Dv + f] = Ds > Dv ? S[f * Ds + Dv] / over : T(0);
+        }
+        std::copy(qbar.begin(), qbar.end(), r + F * Dv + F);
+        std::fill(r + F * Dv + 2 * F, r + F * Dv + 2 * F + Dv, T(0));
+        std::copy(ubar.begin(), ubar.end(), r + F * Dv + 2 * F);
+        r[F * Dv + 2 * F + Dv] = M;
+        r[F * Dv + 2 * F + Dv + 1] = Z;
+      }
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {
         const int64_t n = std::min(C, Lq - c0);
         attnlab::feature_map(q + (bh * Lq + c0) * Din, n, Din, F, feature, taylor_dim, q_scale, mapped.data());
@@ -299,10 +313,11 @@ torch::Tensor map_features(torch::Tensor x, int64_t feature, int64_t taylor_dim)
 // Non-causal linear attention without decay (cross attention too): q (B, H, Lq, Din), k (B, H, Lk, Din)
 // mapped by `feature` (q also times q_scale), v (B, H, Lk, Dv); with rala_scale > 0 each key weighted by
 // RALA's softmax computed here. Returns the raw output, with normalize_eps num / (den + eps), or with
-// centred InLine's phi(q) (S - z ubar^T) + ubar.
-torch::Tensor linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t chunk,
-                               c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,
-                               double q_scale, double rala_scale, bool centred) {
+// centred InLine's phi(q) (S - z ubar^T) + ubar. With save, also the keys' state for the backward
+// (B, H, attnlab::noncausal_record(F, Dv)).
+std::vector<torch::Tensor> linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t chunk,
+                                            c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,
+                                            double q_scale, double rala_scale, bool centred, bool save) {
   TORCH_CHECK(rala_scale <= 0 || normalize_eps.has_value(), "RALA's weights need the normalizer");
   TORCH_CHECK(!centred || (!normalize_eps.has_value() && rala_scale <= 0), "centred takes no normalizer or RALA");
   const auto n = attnlab::noncausal_sizes(q, k, v);
@@ -314,13 +329,16 @@ torch::Tensor linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v
   k = k.contiguous();
   v = v.contiguous();
   auto out = torch::empty({B, H, Lq, Dv}, q.options());
+  auto saved = save ? torch::empty({B, H, attnlab::noncausal_record(F, Dv)}, q.options()) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(dt, "linear_noncausal", [&] {
     using T = scalar_t;
-    noncausal<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(), B * H, Lq, Lk, Din, F, Dv, chunk,
+    noncausal<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(),
+                 save ? saved.data_ptr<T>() : nullptr, B * H, Lq, Lk, Din, F, Dv, chunk,
                  normalize_eps.has_value(), static_cast<T>(normalize_eps.value_or(0.0)), static_cast<int>(feature),
                  taylor_dim, static_cast<T>(q_scale), static_cast<T>(rala_scale), centred);
   });
-  return out;
+  if (save) return {out, saved};
+  return {out};
 }
 
 // q, k: (B, H, L, Din), mapped by `feature` to F features (and q times q_scale) chunk by chunk;

@@ -80,11 +80,12 @@ std::vector<torch::Tensor> linear_noncausal_backward(torch::Tensor q, torch::Ten
                                                      torch::Tensor dout, int64_t chunk,
                                                      c10::optional<double> normalize_eps, int64_t feature,
                                                      int64_t taylor_dim, double q_scale, double rala_scale,
-                                                     bool centred);
+                                                     bool centred, torch::Tensor saved,
+                                                     c10::optional<torch::Tensor> out);
 
-torch::Tensor linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t chunk,
-                               c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,
-                               double q_scale, double rala_scale, bool centred);
+std::vector<torch::Tensor> linear_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t chunk,
+                                            c10::optional<double> normalize_eps, int64_t feature, int64_t taylor_dim,
+                                            double q_scale, double rala_scale, bool centred, bool save);
 
 torch::Tensor map_features(torch::Tensor x, int64_t feature, int64_t taylor_dim);
 
