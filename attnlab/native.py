@@ -438,23 +438,26 @@ def agent_noncausal(q, k, v, agents, scale: float, chunk: int) -> torch.Tensor:
     (:class:`AgentNonCausal`) when autograd records."""
     if recording(q, k, v, agents):
         return AgentNonCausal.apply(q, k, v, agents, float(scale), int(chunk))
-    return module().agent_noncausal(q, k, v, agents, float(scale), int(chunk))
+    return module().agent_noncausal(q, k, v, agents, float(scale), int(chunk), False)[0]
 
 
 class AgentNonCausal(torch.autograd.Function):
-    """:func:`agent_noncausal` with its backward kernel (``csrc/agent.cpp``: the agents' values rebuilt, the
-    queries' softmax's gradient, then the keys'): ``apply(q, k, v, agents, scale, chunk) -> out``."""
+    """:func:`agent_noncausal` with its backward kernel (``csrc/agent.cpp``: from the forward's agents'
+    softmax state (``n (Dv + 2)`` floats per head, saved), the queries' softmax's gradient, then the keys'):
+    ``apply(q, k, v, agents, scale, chunk) -> out``."""
 
     @staticmethod
     def forward(ctx, q, k, v, agents, scale, chunk):
-        ctx.save_for_backward(q, k, v, agents)
+        out, saved = module().agent_noncausal(q, k, v, agents, scale, chunk, True)
+        ctx.save_for_backward(q, k, v, agents, saved)
         ctx.scale, ctx.chunk = scale, chunk
-        return module().agent_noncausal(q, k, v, agents, scale, chunk)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        return (*module().agent_noncausal_backward(*ctx.saved_tensors, dout, ctx.scale, ctx.chunk), None, None)
+        q, k, v, agents, saved = ctx.saved_tensors
+        return (*module().agent_noncausal_backward(q, k, v, agents, dout, saved, ctx.scale, ctx.chunk), None, None)
 
 
 def aaren_scan(query, k, v, m, u, w, scale: float, causal: bool):

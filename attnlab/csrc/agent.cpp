@@ -150,16 +150,23 @@ void agent_values(const T* k, const T* v, const T* As, int64_t Lk, int64_t D, in
 }
 
 // Non-causal: every key into the agents' softmax state (the same online rescaling, chunk by chunk), then
-// V_A = U / Z and each query chunk's softmax over the agents times V_A.
+// V_A = U / Z and each query chunk's softmax over the agents times V_A. `saved` (or null): that state per
+// (batch, head) for the backward, n (Dv + 2) floats: V_A (n x Dv), r (n), Z (n).
 template <typename T>
-void noncausal(const T* q, const T* k, const T* v, const T* agents, T* out, int64_t BH, int64_t Lq, int64_t Lk,
-               int64_t D, int64_t Dv, int64_t n, int64_t C, T scale) {
+void noncausal(const T* q, const T* k, const T* v, const T* agents, T* out, T* saved, int64_t BH, int64_t Lq,
+               int64_t Lk, int64_t D, int64_t Dv, int64_t n, int64_t C, T scale) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
     attnlab::Buffer<T> At(D * n), As(n * D), s(C * n), wt(n * C), r(n), Z(n), U(n * Dv);
     for (int64_t bh = begin; bh < stop; ++bh) {
       scaled_agents(agents + bh * n * D, n, D, scale, At.data(), As.data());
       agent_values(k + bh * Lk * D, v + bh * Lk * Dv, As.data(), Lk, D, Dv, n, C, wt.data(), r.data(), Z.data(),
                    U.data());
+      if (saved) {
+        T* rec = saved + bh * n * (Dv + 2);
+        std::copy(U.begin(), U.end(), rec);
+        std::copy(r.begin(), r.end(), rec + n * Dv);
+        std::copy(Z.begin(), Z.end(), rec + n * Dv + n);
+      }
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {
         const int64_t m = std::min(C, Lq - c0);
         attnlab::gemm(m, n, D, q + (bh * Lq + c0) * D, D, At.data(), n, false, s.data(), n);
@@ -180,26 +187,26 @@ void logits_back(const T* dS, int64_t m, int64_t n, int64_t D, const T* As, cons
   attnlab::gemm(n, D, m, scratch, m, x, D, true, da, D);
 }
 
-// The gradients of agent_noncausal. Per (batch, head), with At = scale A^T: the keys' pass rebuilds the
-// agents' softmax (max r, sum Z, V_A = U / Z); the queries' pass (P = softmax_a(Q At)) gives
+// The gradients of agent_noncausal. Per (batch, head), with At = scale A^T, from the forward's agents'
+// softmax state (`saved`: V_A, max r, sum Z): the queries' pass (P = softmax_a(Q At)) gives
 // dV_A = sum P^T dO, dS_q = P * (dO V_A^T - rowsum(P * dO V_A^T)), dQ = dS_q (scale A) and dA = scale dS_q^T Q;
 // then with c_a = dV_A,a . V_A,a the keys' pass gives alpha = exp(K At - r) / Z, dV = alpha dV_A,
 // dS_k = alpha * (V dV_A^T - c), dK = dS_k (scale A) and dA += scale dS_k^T K.
 template <typename T>
-void noncausal_back(const T* q, const T* k, const T* v, const T* agents, const T* dout, T* dq, T* dk, T* dv, T* da,
-                    int64_t BH, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t n, int64_t C, T scale) {
+void noncausal_back(const T* q, const T* k, const T* v, const T* agents, const T* dout, const T* saved, T* dq, T* dk,
+                    T* dv, T* da, int64_t BH, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t n, int64_t C,
+                    T scale) {
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t stop) {
-    attnlab::Buffer<T> At(D * n), As(n * D), s(C * n), g(C * n), st(n * C), r(n), Z(n), U(n * Dv), Ut(Dv * n),
-        dU(n * Dv), dUt(Dv * n), c(n);
+    attnlab::Buffer<T> At(D * n), As(n * D), s(C * n), g(C * n), st(n * C), Ut(Dv * n), dU(n * Dv), dUt(Dv * n), c(n);
     for (int64_t bh = begin; bh < stop; ++bh) {
       const T* a = agents + bh * n * D;
       scaled_agents(a, n, D, scale, At.data(), As.data());
       T* dah = da + bh * n * D;
       std::fill(dah, dah + n * D, T(0));
       std::fill(dU.begin(), dU.end(), T(0));
-      agent_values(k + bh * Lk * D, v + bh * Lk * Dv, As.data(), Lk, D, Dv, n, C, st.data(), r.data(), Z.data(),
-                   U.data());  // V_A, as the forward
-      attnlab::transpose(U.data(), n, Dv, Ut.data(), n);
+      const T* U = saved + bh * n * (Dv + 2);  // V_A, then r and Z, as the forward left them
+      const T *r = U + n * Dv, *Z = r + n;
+      attnlab::transpose(U, n, Dv, Ut.data(), n);
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {  // the queries
         const int64_t m = std::min(C, Lq - c0);
         const T* qc = q + (bh * Lq + c0) * D;
@@ -259,9 +266,10 @@ std::vector<int64_t> agent_sizes(const torch::Tensor& q, const torch::Tensor& k,
 }  // namespace
 
 // Non-causal agent attention (cross lengths too): q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv),
-// agents (B, H, n, D). Returns (B, H, Lq, Dv).
-torch::Tensor agent_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor agents, double scale,
-                              int64_t chunk) {
+// agents (B, H, n, D). Returns [out (B, H, Lq, Dv)], with save also the agents' softmax state for the
+// backward (B, H, n (Dv + 2)).
+std::vector<torch::Tensor> agent_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor agents,
+                                           double scale, int64_t chunk, bool save) {
   const auto z = agent_sizes(q, k, v, agents, chunk);
   const int64_t B = z[0], H = z[1], Lq = z[2], D = z[3], Lk = z[4], Dv = z[5], n = z[6];
   const auto dt = q.scalar_type();
@@ -270,12 +278,14 @@ torch::Tensor agent_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   v = v.contiguous();
   agents = agents.contiguous();
   auto out = torch::empty({B, H, Lq, Dv}, q.options());
+  auto saved = save ? torch::empty({B, H, n * (Dv + 2)}, q.options()) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(dt, "agent_noncausal", [&] {
     using T = scalar_t;
-    noncausal<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), agents.data_ptr<T>(), out.data_ptr<T>(), B * H, Lq,
-                 Lk, D, Dv, n, chunk, static_cast<T>(scale));
+    noncausal<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), agents.data_ptr<T>(), out.data_ptr<T>(),
+                 save ? saved.data_ptr<T>() : nullptr, B * H, Lq, Lk, D, Dv, n, chunk, static_cast<T>(scale));
   });
-  return out;
+  if (save) return {out, saved};
+  return {out};
 }
 
 // q, k: (B, H, L, D); v: (B, H, L, Dv); agents: (B, H, n, D); the state r, Z: (B, H, n), U: (B, H, n, Dv),
@@ -311,22 +321,26 @@ std::tuple<torch::Tensor, bool> agent_chunks(torch::Tensor q, torch::Tensor k, t
   return {out, ok};
 }
 
-// The gradients (dq, dk, dv, dagents) of agent_noncausal for dout (B, H, Lq, Dv); arguments as its.
+// The gradients (dq, dk, dv, dagents) of agent_noncausal for dout (B, H, Lq, Dv); arguments as its, and
+// `saved` its agents' softmax state (save=True).
 std::vector<torch::Tensor> agent_noncausal_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                                    torch::Tensor agents, torch::Tensor dout, double scale,
-                                                    int64_t chunk) {
+                                                    torch::Tensor agents, torch::Tensor dout, torch::Tensor saved,
+                                                    double scale, int64_t chunk) {
   const auto z = agent_sizes(q, k, v, agents, chunk);
   const int64_t B = z[0], H = z[1], Lq = z[2], D = z[3], Lk = z[4], Dv = z[5], n = z[6];
   TORCH_CHECK(dout.dim() == 4 && dout.size(0) == B && dout.size(1) == H && dout.size(2) == Lq && dout.size(3) == Dv &&
                   dout.scalar_type() == q.scalar_type(), "dout must be (B, H, Lq, Dv) of q's dtype");
-  std::vector<torch::Tensor> in{q, k, v, agents, dout};
+  TORCH_CHECK(saved.scalar_type() == q.scalar_type() && saved.numel() == B * H * n * (Dv + 2),
+              "saved must be agent_noncausal's state for these inputs (save=True)");
+  std::vector<torch::Tensor> in{q, k, v, agents, dout, saved};
   for (auto& x : in) x = x.contiguous();
   auto dq = torch::empty_like(in[0]), dk = torch::empty_like(in[1]), dv = torch::empty_like(in[2]),
        da = torch::empty_like(in[3]);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "agent_noncausal_backward", [&] {
     using T = scalar_t;
     noncausal_back<T>(in[0].data_ptr<T>(), in[1].data_ptr<T>(), in[2].data_ptr<T>(), in[3].data_ptr<T>(),
-                      in[4].data_ptr<T>(), dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), da.data_ptr<T>(),
+                      in[4].data_ptr<T>(), in[5].data_ptr<T>(), dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
+                      da.data_ptr<T>(),
                       B * H, Lq, Lk, D, Dv, n, chunk, static_cast<T>(scale));
   });
   return {dq, dk, dv, da};

@@ -89,12 +89,12 @@ std::vector<torch::Tensor> linear_noncausal(torch::Tensor q, torch::Tensor k, to
 
 torch::Tensor map_features(torch::Tensor x, int64_t feature, int64_t taylor_dim);
 
-torch::Tensor agent_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor agents, double scale,
-                              int64_t chunk);
+std::vector<torch::Tensor> agent_noncausal(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor agents,
+                                           double scale, int64_t chunk, bool save);
 
 std::vector<torch::Tensor> agent_noncausal_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                                    torch::Tensor agents, torch::Tensor dout, double scale,
-                                                    int64_t chunk);
+                                                    torch::Tensor agents, torch::Tensor dout, torch::Tensor saved,
+                                                    double scale, int64_t chunk);
 
 std::vector<torch::Tensor> rat_finals(torch::Tensor k, torch::Tensor v, torch::Tensor gk, torch::Tensor gv,
                                       int64_t chunk);
