@@ -124,14 +124,14 @@ void add_rows(const T* x, int64_t n, int64_t D, T* sum) {
 }
 
 // InLine's centred state (the non-causal form): with `mean` holding the sum of the Lk values on entry
-// (divided here: their mean u), S[f][x] -= z[f] u[x] for the F rows of S (row stride Ds), z[f] read at
-// z + f * zs (the key sums: S's normalizer column, zs = Ds, or a vector, zs = 1).
+// (divided here: their mean u), S[f][x] -= z[f] u[x] for the F rows of S (Dv + 1 columns, the last one
+// the key sums z).
 template <typename T>
-void centre_state(T* S, int64_t F, int64_t Dv, int64_t Ds, const T* z, int64_t zs, T* mean, int64_t Lk) {
+void centre_state(T* S, int64_t F, int64_t Dv, T* mean, int64_t Lk) {
   const T inv = T(1) / T(std::max<int64_t>(Lk, 1));
   for (int64_t x = 0; x < Dv; ++x) mean[x] *= inv;
   for (int64_t f = 0; f < F; ++f)
-    for (int64_t x = 0; x < Dv; ++x) S[f * Ds + x] -= z[f * zs] * mean[x];
+    for (int64_t x = 0; x < Dv; ++x) S[f * (Dv + 1) + x] -= S[f * (Dv + 1) + Dv] * mean[x];
 }
 
 // The non-causal form's keys' state as its backward reads it, one record of noncausal_record(F, Dv)
@@ -139,6 +139,14 @@ void centre_state(T* S, int64_t F, int64_t Dv, int64_t Ds, const T* z, int64_t z
 // its own): S (F x Dv; centred for InLine, over Z for RALA), z (F, the key sums; over Z for RALA),
 // RALA's qbar (F), InLine's ubar (Dv), RALA's M and Z; zeros where the form has none.
 inline int64_t noncausal_record(int64_t F, int64_t Dv) { return F * Dv + 2 * F + Dv + 2; }
+
+// The parts of (batch, head) bh's record in `base` (T const for the reader).
+template <typename T>
+struct NoncausalRecord {
+  T *S, *z, *qbar, *ubar, *M, *Z;
+  NoncausalRecord(T* base, int64_t bh, int64_t F, int64_t Dv)
+      : S(base + bh * noncausal_record(F, Dv)), z(S + F * Dv), qbar(z + F), ubar(qbar + F), M(ubar + Dv), Z(M + 1) {}
+};
 
 // RALA's logits l_t = qbar . phi(k_t) of n mapped keys (n x F) into `logit`; returns their maximum.
 template <typename T>

@@ -390,9 +390,9 @@ void noncausal_backward(const T* q, const T* k, const T* v, const T* dout, const
       const T* qh = q + bh * Lq * Din;
       const T* kh = k + bh * Lk * Din;
       const T* vh = v + bh * Lk * Dv;
-      const T* S = saved + bh * attnlab::noncausal_record(F, Dv);  // the forward's keys' state
-      const T *z = S + F * Dv, *qbar = z + F, *ubar = qbar + F;
-      const T M = ubar[Dv], Z = ubar[Dv + 1];  // RALA: the logits' maximum and the sum of exp(l - M)
+      const attnlab::NoncausalRecord<const T> r(saved, bh, F, Dv);  // the forward's keys' state
+      const T *S = r.S, *z = r.z, *qbar = r.qbar, *ubar = r.ubar;
+      const T M = *r.M, Z = *r.Z;  // RALA: the logits' maximum and the sum of exp(l - M)
       std::fill(dS.begin(), dS.end(), T(0));
       std::fill(dz.begin(), dz.end(), T(0));
       std::fill(dubar.begin(), dubar.end(), T(0));

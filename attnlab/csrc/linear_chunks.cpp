@@ -252,19 +252,19 @@ void noncausal(const T* q, const T* k, const T* v, T* out, T* saved, int64_t BH,
         if (normalize || centred) attnlab::add_key_sums(kt.data(), F, n, S.data(), Ds, Dv);
         if (centred) attnlab::add_rows(v + (bh * Lk + c0) * Dv, n, Dv, ubar.data());
       }
-      if (centred) attnlab::centre_state(S.data(), F, Dv, Ds, S.data() + Dv, Ds, ubar.data(), Lk);
+      if (centred) attnlab::centre_state(S.data(), F, Dv, ubar.data(), Lk);
       if (saved) {  // as the backward reads it: RALA's S and z over Z
-        T* r = saved + bh * attnlab::noncausal_record(F, Dv);
+        const attnlab::NoncausalRecord<T> r(saved, bh, F, Dv);
         const T over = rala ? Z : T(1);
         for (int64_t f = 0; f < F; ++f) {
-          for (int64_t x = 0; x < Dv; ++x) r[f * Dv + x] = S[f * Ds + x] / over;
-          r[F * Dv + f] = Ds > Dv ? S[f * Ds + Dv] / over : T(0);
+          for (int64_t x = 0; x < Dv; ++x) r.S[f * Dv + x] = S[f * Ds + x] / over;
+          r.z[f] = Ds > Dv ? S[f * Ds + Dv] / over : T(0);
         }
-        std::copy(qbar.begin(), qbar.end(), r + F * Dv + F);
-        std::fill(r + F * Dv + 2 * F, r + F * Dv + 2 * F + Dv, T(0));
-        std::copy(ubar.begin(), ubar.end(), r + F * Dv + 2 * F);
-        r[F * Dv + 2 * F + Dv] = M;
-        r[F * Dv + 2 * F + Dv + 1] = Z;
+        std::copy(qbar.begin(), qbar.end(), r.qbar);
+        std::fill(r.ubar, r.ubar + Dv, T(0));
+        std::copy(ubar.begin(), ubar.end(), r.ubar);
+        *r.M = M;
+        *r.Z = Z;
       }
       for (int64_t c0 = 0; c0 < Lq; c0 += C) {
         const int64_t n = std::min(C, Lq - c0);
